@@ -109,6 +109,7 @@ class ModelPreset:
     stream_guidance_scale: float = 1.0
     # Limits of this model (validated before any work starts).
     max_frames: int = 8001
+    max_clip_frames: int = 161
     max_pixels: int = 1280 * 720
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -171,6 +172,7 @@ _TINY_COMMON = dict(
     stream_timesteps=(1000, 500),
     max_pixels=256 * 256,
     max_frames=2001,
+    max_clip_frames=129,
 )
 
 PRESETS: dict[str, ModelPreset] = {

@@ -1,0 +1,391 @@
+"""Text-to-video generation in two modes, both generators of decoded frame chunks.
+
+``clip``: bidirectional model, the whole latent video denoised for N steps (flow matching, DPM-Solver with
+flow_shift, classifier-free guidance), then decoded block by block.
+``stream``: block-causal model; the latent frames are cut into blocks (the first absorbs the remainder); each
+block is denoised in a few steps, committed to the constant-memory ``BlockState`` by one more forward of the clean
+block at t=0, decoded with the VAE cache kept, and yielded at once.
+
+Progress is reported after every transformer forward; cancellation is checked before every one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from engine.errors import CheckpointError, GenerationCancelled, InvalidParams
+from engine.loading import (
+    build_transformer,
+    check_device,
+    load_transformer,
+    parse_dtype,
+    resolve_folder,
+    save_transformer,
+)
+from engine.presets import PRESETS, ModelPreset, get_preset
+from engine.state import BlockState
+from engine.text import TextEncoder, build_text_encoder, build_word_tokenizer
+from engine.types import GenerationParams, Progress, VideoChunk
+from engine.vae import StreamingDecoder, build_vae, to_uint8_frames
+
+PRESET_FILE = "sana_video.json"  # our sampling defaults stored beside a checkpoint (optional)
+TEMPORAL_FACTOR, SPATIAL_FACTOR = 4, 8
+MAX_PROMPT_CHARS = 4000
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // TEMPORAL_FACTOR + 1
+
+
+def stream_blocks(num_latent_frames: int, block: int) -> list[int]:
+    """Latent frames per block: blocks of ``block`` frames, the first absorbing the remainder."""
+    n = max(1, num_latent_frames // block)
+    return [num_latent_frames - (n - 1) * block] + [block] * (n - 1)
+
+
+def frames_of_blocks(blocks: list[int]) -> list[int]:
+    """Decoded video frames per latent block (the causal VAE turns the very first latent frame into one frame)."""
+    return [TEMPORAL_FACTOR * n - (TEMPORAL_FACTOR - 1 if i == 0 else 0) for i, n in enumerate(blocks)]
+
+
+def shifted_sigma(t: float, shift: float) -> float:
+    s = t / 1000.0
+    return shift * s / (1 + (shift - 1) * s)
+
+
+class VideoPipeline:
+    """Owns the transformer, VAE and text encoder of one model; load once, generate many times."""
+
+    def __init__(self, name: str, preset: ModelPreset, transformer, vae, text_encoder: TextEncoder, scheduler_config: dict,
+                 device: torch.device, dtype: torch.dtype):
+        self.name = name
+        self.preset = preset
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.scheduler_config = scheduler_config
+        self.device = device
+        self.dtype = dtype
+        self.last_state_bytes = 0
+        self.patch = transformer.config.patch_size
+
+    @property
+    def causal(self) -> bool:
+        return self.transformer.causal
+
+    # -- loading ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model: str, device=None, dtype=None) -> "VideoPipeline":
+        """``model``: a preset name (see engine.presets), a diffusers-format pipeline folder, or a hub id."""
+        dtype = parse_dtype(dtype)
+        dev = check_device(device, dtype)
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        preset = get_preset(model)
+        if preset is not None and preset.built_locally:
+            return cls._build_local(preset, dev, dtype)
+        source = preset.source if preset is not None else model
+        folder = resolve_folder(source)
+        return cls._load_folder(folder, preset, model, dev, dtype)
+
+    @classmethod
+    def _build_local(cls, preset: ModelPreset, dev, dtype) -> "VideoPipeline":
+        transformer = build_transformer(preset.transformer, preset.causal, seed=preset.seed)
+        vae = build_vae(preset.vae, seed=preset.seed + 100)
+        tokenizer = build_word_tokenizer(preset.vocab)
+        encoder = build_text_encoder(preset.text_encoder, len(tokenizer), seed=preset.seed + 200)
+        if encoder.config.hidden_size != preset.transformer.caption_channels:
+            raise CheckpointError(f"preset {preset.name}: text hidden size != transformer caption_channels")
+        text = TextEncoder(tokenizer, encoder, preset.max_sequence_length, preset.use_instruction)
+        return cls._assemble(preset.name, preset, transformer, vae, text, default_scheduler_config(preset), dev, dtype)
+
+    @classmethod
+    def _load_folder(cls, folder: Path, preset: ModelPreset | None, name: str, dev, dtype) -> "VideoPipeline":
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, Gemma2Model
+
+        for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
+            if not (folder / sub).is_dir():
+                raise CheckpointError(f"{folder}: expected a diffusers pipeline folder with a {sub}/ subfolder")
+        transformer = load_transformer(str(folder / "transformer"), dtype=dtype, device=dev)
+        base = preset or PRESETS["sana-video-480p-longlive" if transformer.causal else "sana-video-480p"]
+        overrides = {}
+        if (folder / PRESET_FILE).exists():
+            overrides = json.loads((folder / PRESET_FILE).read_text())
+            if "stream_timesteps" in overrides:
+                overrides["stream_timesteps"] = tuple(overrides["stream_timesteps"])
+        preset = dataclasses.replace(base, name=name, causal=transformer.causal, source=str(folder), **overrides)
+        try:
+            vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae").eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+            encoder = Gemma2Model.from_pretrained(folder, subfolder="text_encoder").eval()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{folder}: could not load a component ({exc})") from exc
+        if encoder.config.hidden_size != transformer.config.caption_channels:
+            raise CheckpointError(
+                f"{folder}: text_encoder hidden_size {encoder.config.hidden_size} != transformer caption_channels "
+                f"{transformer.config.caption_channels}"
+            )
+        sched = default_scheduler_config(preset)
+        if (folder / "scheduler" / "scheduler_config.json").exists():
+            sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        text = TextEncoder(tokenizer, encoder, preset.max_sequence_length, preset.use_instruction)
+        return cls._assemble(name, preset, transformer, vae, text, sched, dev, dtype)
+
+    @classmethod
+    def _assemble(cls, name, preset, transformer, vae, text, sched, dev, dtype) -> "VideoPipeline":
+        transformer = transformer.to(device=dev, dtype=dtype).eval()
+        vae = vae.to(device=dev, dtype=dtype).eval()
+        text.to(device=dev, dtype=dtype)
+        return cls(name, preset, transformer, vae, text, sched, dev, dtype)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the whole pipeline as a diffusers-format folder (plus our sampling defaults in sana_video.json)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_transformer(self.transformer, folder / "transformer")
+        self.vae.save_pretrained(folder / "vae")
+        self.text_encoder.model.save_pretrained(folder / "text_encoder")
+        self.text_encoder.tokenizer.save_pretrained(folder / "tokenizer")
+        (folder / "scheduler").mkdir(exist_ok=True)
+        sched = {"_class_name": "DPMSolverMultistepScheduler", **self.scheduler_config}
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        index = {
+            "_class_name": "SanaVideoPipeline",
+            "_diffusers_version": "0.42.1",
+            "transformer": ["diffusers", "SanaVideoCausalTransformer3DModel" if self.causal else "SanaVideoTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+            "text_encoder": ["transformers", "Gemma2Model"],
+            "tokenizer": ["transformers", type(self.text_encoder.tokenizer).__name__],
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        }
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        p = self.preset
+        defaults = dict(
+            height=p.height, width=p.width, frames=p.frames, fps=p.fps, steps=p.steps, guidance_scale=p.guidance_scale,
+            flow_shift=p.flow_shift, max_sequence_length=p.max_sequence_length, use_instruction=p.use_instruction,
+            motion_score=p.motion_score, block_latent_frames=p.block_latent_frames,
+            stream_timesteps=list(p.stream_timesteps), stream_shift=p.stream_shift,
+            stream_guidance_scale=p.stream_guidance_scale, max_frames=p.max_frames, max_clip_frames=p.max_clip_frames,
+            max_pixels=p.max_pixels,
+        )
+        (folder / PRESET_FILE).write_text(json.dumps(defaults, indent=2))
+        return folder
+
+    # -- requests --------------------------------------------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        return SPATIAL_FACTOR * max(self.patch[1], self.patch[2])
+
+    def limits(self) -> dict:
+        p = self.preset
+        return {
+            "mode": "stream" if self.causal else "clip",
+            "frames": {"min": 1, "max": p.max_frames if self.causal else p.max_clip_frames, "rule": "4k+1"},
+            "width_height_multiple": self.size_multiple,
+            "max_pixels": p.max_pixels,
+            "steps": {"min": 1, "max": 200},
+            "guidance_scale": {"min": 0.0, "max": 20.0},
+            "fps": {"min": 1, "max": 60},
+        }
+
+    def resolve(self, params: GenerationParams) -> GenerationParams:
+        """Fill None fields from the preset and validate; raises InvalidParams(field, message, accepted)."""
+        p = self.preset
+        mode = params.mode or ("stream" if self.causal else "clip")
+        if mode not in ("clip", "stream"):
+            raise InvalidParams("mode", f"unknown mode {mode!r}", "clip, stream")
+        if mode == "stream" and not self.causal:
+            raise InvalidParams("mode", f"model {self.name} is bidirectional and cannot stream", "clip")
+        if mode == "clip" and self.causal:
+            raise InvalidParams("mode", f"model {self.name} is block-causal and generates streams", "stream")
+        prompt = params.prompt if isinstance(params.prompt, str) else ""
+        if not prompt.strip():
+            raise InvalidParams("prompt", "must not be empty", f"1..{MAX_PROMPT_CHARS} characters")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidParams("prompt", f"{len(prompt)} characters", f"1..{MAX_PROMPT_CHARS} characters")
+        m = self.size_multiple
+        width = p.width if params.width is None else params.width
+        height = p.height if params.height is None else params.height
+        for field, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or value < m or value % m:
+                raise InvalidParams(field, f"{value!r} is not a positive multiple of {m}", f"multiples of {m}")
+        if width * height > p.max_pixels:
+            raise InvalidParams("width", f"{width}x{height} exceeds {p.max_pixels} pixels", f"width*height <= {p.max_pixels}")
+        max_frames = p.max_frames if mode == "stream" else p.max_clip_frames
+        frames = p.frames if params.frames is None else params.frames
+        if not isinstance(frames, int) or frames < 1 or (frames - 1) % TEMPORAL_FACTOR or frames > max_frames:
+            raise InvalidParams("frames", f"{frames!r} is not 4k+1 within 1..{max_frames}", f"4k+1, 1..{max_frames}")
+        fps = p.fps if params.fps is None else params.fps
+        if not isinstance(fps, int) or not 1 <= fps <= 60:
+            raise InvalidParams("fps", f"{fps!r}", "integer 1..60")
+        default_steps = len(p.stream_timesteps) if mode == "stream" else p.steps
+        steps = default_steps if params.steps is None else params.steps
+        if not isinstance(steps, int) or not 1 <= steps <= 200:
+            raise InvalidParams("steps", f"{steps!r}", "integer 1..200")
+        default_cfg = p.stream_guidance_scale if mode == "stream" else p.guidance_scale
+        guidance = default_cfg if params.guidance_scale is None else float(params.guidance_scale)
+        if not math.isfinite(guidance) or not 0.0 <= guidance <= 20.0:
+            raise InvalidParams("guidance_scale", f"{guidance!r}", "0..20")
+        if not isinstance(params.seed, int) or not 0 <= params.seed < 2**63:
+            raise InvalidParams("seed", f"{params.seed!r}", "integer 0..2**63-1")
+        return GenerationParams(
+            prompt=prompt, negative_prompt=params.negative_prompt or "", width=width, height=height, frames=frames,
+            fps=fps, steps=steps, guidance_scale=guidance, seed=params.seed, mode=mode,
+        )
+
+    def _blocks(self, params: GenerationParams) -> list[int]:
+        block = self.preset.block_latent_frames
+        return stream_blocks(latent_frames(params.frames), block)
+
+    def plan(self, params: GenerationParams) -> dict:
+        """Exact progress totals for a resolved request."""
+        if params.mode == "stream":
+            blocks = self._blocks(params)
+            return {"blocks_total": len(blocks), "steps_per_block": params.steps + 1, "frames_total": params.frames}
+        return {"blocks_total": 1, "steps_per_block": params.steps, "frames_total": params.frames}
+
+    def stream_timesteps(self, steps: int) -> list[float]:
+        ts = self.preset.stream_timesteps
+        if steps != len(ts):
+            ts = [1000.0 * (1 - i / steps) for i in range(steps)]
+        return [float(t) for t in ts]
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    def _encode_prompt(self, params: GenerationParams, cfg: bool):
+        prompt = params.prompt
+        if self.preset.motion_score is not None and "motion score" not in prompt:
+            prompt = f"{prompt} motion score: {self.preset.motion_score}."
+        emb, mask = self.text_encoder.encode([prompt])
+        if cfg:
+            neg, neg_mask = self.text_encoder.encode([params.negative_prompt], with_instruction=False)
+            emb, mask = torch.cat([neg, emb]), torch.cat([neg_mask, mask])
+        return emb.to(self.dtype), mask
+
+    def _velocity(self, x, t: float, emb, mask, guidance: float, cfg: bool, **kw) -> torch.Tensor:
+        batch = 2 if cfg else 1
+        inp = torch.cat([x] * batch).to(self.dtype)
+        timestep = torch.full((batch,), float(t), device=self.device)
+        v = self.transformer(inp, emb, timestep, mask, **kw).float()
+        if cfg:
+            uncond, cond = v.chunk(2)
+            v = uncond + guidance * (cond - uncond)
+        return v
+
+    def generate(
+        self,
+        params: GenerationParams,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[VideoChunk]:
+        """Yield VideoChunk (uint8 [F, H, W, 3]) as blocks are decoded. Raises GenerationCancelled at a step
+        boundary when ``should_cancel()`` is true. ``params`` must come from ``resolve``."""
+        params = self.resolve(params)
+        try:
+            with torch.inference_mode():
+                if params.mode == "stream":
+                    yield from self._generate_stream(params, on_progress, should_cancel)
+                else:
+                    yield from self._generate_clip(params, on_progress, should_cancel)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _noise(self, gen: torch.Generator, shape) -> torch.Tensor:
+        # Drawn on the CPU so a seed gives the same video on every device.
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+
+    def _latent_shape(self, params: GenerationParams, frames: int) -> tuple[int, ...]:
+        c = self.transformer.config.in_channels
+        return (1, c, frames, params.height // SPATIAL_FACTOR, params.width // SPATIAL_FACTOR)
+
+    def _generate_clip(self, params, on_progress, should_cancel) -> Iterator[VideoChunk]:
+        from diffusers import DPMSolverMultistepScheduler
+
+        cfg = params.guidance_scale > 1.0
+        emb, mask = self._encode_prompt(params, cfg)
+        gen = torch.Generator("cpu").manual_seed(params.seed)
+        total_latent = latent_frames(params.frames)
+        latents = self._noise(gen, self._latent_shape(params, total_latent))
+        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        scheduler = DPMSolverMultistepScheduler.from_config(config)
+        scheduler.set_timesteps(params.steps, device=self.device)
+        for i, t in enumerate(scheduler.timesteps):
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled("cancelled")
+            v = self._velocity(latents, float(t), emb, mask, params.guidance_scale, cfg)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            if on_progress is not None:
+                on_progress(Progress(1, 1, i + 1, params.steps, 0, params.frames))
+        decoder = StreamingDecoder(self.vae)
+        start, frames_done = 0, 0
+        for index, n in enumerate(self._blocks(params)):
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled("cancelled")
+            pixels = decoder.decode_block(latents[:, :, start : start + n].to(self.dtype))
+            start += n
+            chunk = VideoChunk(index=index, start_frame=frames_done, frames=to_uint8_frames(pixels))
+            frames_done += chunk.num_frames
+            if on_progress is not None:
+                on_progress(Progress(1, 1, params.steps, params.steps, frames_done, params.frames))
+            yield chunk
+
+    def _generate_stream(self, params, on_progress, should_cancel) -> Iterator[VideoChunk]:
+        cfg = params.guidance_scale > 1.0
+        emb, mask = self._encode_prompt(params, cfg)
+        gen = torch.Generator("cpu").manual_seed(params.seed)
+        blocks = self._blocks(params)
+        shape = self._latent_shape(params, 1)
+        state = BlockState.for_model(self.transformer, 2 if cfg else 1, shape[3], shape[4])
+        self.last_state_bytes = state.nbytes()
+        decoder = StreamingDecoder(self.vae)
+        timesteps = self.stream_timesteps(params.steps)
+        sigmas = [shifted_sigma(t, self.preset.stream_shift) for t in timesteps]
+        steps_total = len(timesteps) + 1
+        frames_done = 0
+        for b, n in enumerate(blocks):
+            block_shape = self._latent_shape(params, n)
+            x = self._noise(gen, block_shape)
+            x0 = x
+            for i, sigma in enumerate(sigmas):
+                if should_cancel is not None and should_cancel():
+                    raise GenerationCancelled("cancelled")
+                v = self._velocity(x, sigma * 1000.0, emb, mask, params.guidance_scale, cfg, state=state)
+                x0 = x - sigma * v
+                if i + 1 < len(sigmas):
+                    x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(gen, block_shape)
+                if on_progress is not None:
+                    on_progress(Progress(b + 1, len(blocks), i + 1, steps_total, frames_done, params.frames))
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled("cancelled")
+            # Commit: the clean block at t=0 adds its contribution to the running sums.
+            self._velocity(x0, 0.0, emb, mask, params.guidance_scale, cfg, state=state, commit=True)
+            pixels = decoder.decode_block(x0.to(self.dtype))
+            chunk = VideoChunk(index=b, start_frame=frames_done, frames=to_uint8_frames(pixels))
+            frames_done += chunk.num_frames
+            if on_progress is not None:
+                on_progress(Progress(b + 1, len(blocks), steps_total, steps_total, frames_done, params.frames))
+            yield chunk
+
+
+def default_scheduler_config(preset: ModelPreset) -> dict:
+    """The official SANA-Video scheduler: DPM-Solver++ on flow-matching sigmas with flow_shift."""
+    return {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True,
+        "flow_shift": preset.flow_shift,
+        "num_train_timesteps": 1000,
+        "lower_order_final": True,
+        "final_sigmas_type": "zero",
+    }
