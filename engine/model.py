@@ -178,6 +178,12 @@ class GLUMBTempConv(nn.Module):
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """[B, F, H, W, C] -> [B, C, F, H*W] (the temporal conv's input)."""
         B, Fr, H, W, C = x.shape
+        if isinstance(self.conv_inverted, nn.Linear):
+            # Pointwise convs as GEMMs on channels-last tokens (see pointwise_convs_to_linear).
+            h = F.silu(self.conv_inverted(x.reshape(B * Fr, H, W, C))).permute(0, 3, 1, 2)
+            h, gate = self.conv_depth(h).chunk(2, dim=1)
+            h = self.conv_point((h * F.silu(gate)).permute(0, 2, 3, 1))
+            return h.view(B, Fr, H * W, C).permute(0, 3, 1, 2)
         h = x.reshape(B * Fr, H, W, C).permute(0, 3, 1, 2)
         h = F.silu(self.conv_inverted(h))
         h, gate = self.conv_depth(h).chunk(2, dim=1)
@@ -352,3 +358,27 @@ class SanaVideoTransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def pointwise_convs_to_linear(model: nn.Module) -> nn.Module:
+    """Replace the Mix-FFN's 1x1 convs (conv_inverted, conv_point) by numerically equivalent nn.Linear layers, in place.
+
+    Linear layers are what GEMM kernels, FP8 matmuls, ModelOpt's NVFP4 recipes and TensorRT's FP4 cover; a 1x1
+    Conv2d is left out by all of them. Weights [out, in, 1, 1] become [out, in] (so the state dict's shapes change:
+    save such a model with its own format, or convert after loading a diffusers checkpoint).
+    """
+    for module in model.modules():
+        if not isinstance(module, GLUMBTempConv):
+            continue
+        for name in ("conv_inverted", "conv_point"):
+            conv = getattr(module, name)
+            if isinstance(conv, nn.Linear):
+                continue
+            linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None,
+                               device=conv.weight.device, dtype=conv.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(conv.weight.flatten(1))
+                if conv.bias is not None:
+                    linear.bias.copy_(conv.bias)
+            setattr(module, name, linear)
+    return model
