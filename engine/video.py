@@ -130,7 +130,7 @@ class _ByteSink:
 
 
 def iter_boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int, int]]:
-    """Top-level ISO-BMFF boxes of ``data[start:end]`` as (type, offset, size)."""
+    """The ISO-BMFF boxes lying directly in ``data[start:end]`` (top level by default) as (type, offset, size)."""
     end = len(data) if end is None else end
     pos = start
     while pos + 8 <= end:
@@ -331,6 +331,7 @@ class Mp4FileWriter:
                 self._stream = _add_h264_stream(
                     self._container, self.width, self.height, self.fps, self._crf, self._preset, live=False
                 )
+                self._container.start_encoding()  # opens the encoder and creates the partial file now
         except BaseException:
             self.abort()
             raise
@@ -406,10 +407,8 @@ def write_mp4(
     chunks = iter([frames_or_chunks] if isinstance(frames_or_chunks, np.ndarray) else frames_or_chunks)
     first = next(chunks, None)
     if not isinstance(first, np.ndarray) or first.ndim != 4:
-        raise InvalidParams(
-            "frames", f"got {type(first).__name__ if first is None else list(np.shape(first))}",
-            "a uint8 array [F, H, W, 3] or an iterable of them (at least one)",
-        )
+        got = "no chunks" if first is None else f"a first chunk of shape {list(np.shape(first))}"
+        raise InvalidParams("frames", f"got {got}", "a uint8 array [F, H, W, 3] or an iterable of them (at least one)")
     height, width = first.shape[1:3]
     with Mp4FileWriter(path, width, height, fps, fragmented, crf=crf, preset=preset) as writer:
         writer.write(first)
