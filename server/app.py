@@ -1,0 +1,135 @@
+"""The API process: FastAPI app factory, error answers, background re-queueing of lost workers' jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from engine.errors import InvalidParams
+from server import routes, stream
+from server.admission import LimitExceeded, QueueFull
+from server.metrics import RequestMetrics
+from server.schemas import GenerateRequest, VideoCreateRequest, accepted_range
+from server.settings import Settings, get_settings
+from workers import jobs
+from workers.registry import canonical_model, served_models
+
+log = logging.getLogger("sana.api")
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def _requeue_pass(r: redis.Redis, settings: Settings) -> None:
+    models = sorted(set(served_models(r)) | {canonical_model(settings.model)})
+    jobs.requeue_abandoned(r, models)
+
+
+async def _requeue_lost_jobs(app: FastAPI) -> None:
+    """Every heartbeat period, hand jobs of dead workers back to their queue (workers do this too; whoever
+    holds the queue's maintenance lock does it). Covers the case where every worker of a model died."""
+    settings: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(settings.heartbeat_s)
+        try:
+            await asyncio.to_thread(_requeue_pass, app.state.redis, settings)
+        except redis.RedisError as exc:
+            log.warning("re-queue pass skipped: %s", exc)
+        except Exception:
+            log.exception("re-queue pass failed")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    app.state.redis = jobs.connect(settings.redis_url)
+    app.state.aredis = aioredis.Redis.from_url(settings.redis_url)
+    task = asyncio.create_task(_requeue_lost_jobs(app))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await app.state.aredis.aclose()
+        app.state.redis.close()
+
+
+def _retry_after(settings: Settings) -> dict[str, str]:
+    return {"Retry-After": str(settings.retry_after_s)}
+
+
+def _field_error(field: str, message: str, accepted: str | None, loc_root: str = "body") -> dict:
+    return {"loc": [loc_root, field], "msg": message, "type": "value_error", "field": field, "accepted": accepted}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="SANA-Video server",
+        version="0.1.0",
+        description="Text-to-video jobs on SANA-Video: queue, watch live over a websocket, download the MP4.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(RequestMetrics)
+    app.include_router(routes.router)
+    app.include_router(stream.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        schema = VideoCreateRequest if request.url.path.startswith("/v1/") else GenerateRequest
+        detail = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            field = ".".join(loc[1:]) if len(loc) > 1 else (loc[0] if loc else "")
+            item = {"loc": loc, "msg": err.get("msg", "invalid"), "type": err.get("type", "value_error"),
+                    "field": field or "body"}
+            accepted = accepted_range(schema, loc[1]) if len(loc) > 1 and loc[0] == "body" else None
+            if accepted:
+                item["accepted"] = accepted
+            detail.append(item)
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(InvalidParams)
+    async def _invalid_params(request: Request, exc: InvalidParams) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": [_field_error(exc.field, exc.message, exc.accepted)]})
+
+    @app.exception_handler(LimitExceeded)
+    async def _limit(request: Request, exc: LimitExceeded) -> JSONResponse:
+        return JSONResponse(status_code=429, headers=_retry_after(settings),
+                            content={"detail": [_field_error(exc.field, exc.message, exc.accepted)]})
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse(status_code=503, headers=_retry_after(settings), content={"detail": str(exc)})
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("redis error on %s: %s", request.url.path, exc)
+        return JSONResponse(status_code=503, headers=_retry_after(settings),
+                            content={"detail": f"the job store is unreachable: {type(exc).__name__}"})
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def index() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
+    return app
+
+
+def run_api(host: str | None = None, port: int | None = None) -> None:
+    """Serve the API with uvicorn until Ctrl-C."""
+    import uvicorn
+
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
+                log_level="info", ws="auto")

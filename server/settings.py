@@ -1,0 +1,82 @@
+"""Settings of the API and the workers, read from the environment: the one place for limits and addresses.
+
+Every field documents itself (its description feeds the README configuration table). Variables are named
+``SANA_<FIELD>`` except ``REDIS_URL``, the conventional name.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Precision = Literal["auto", "bf16", "fp8", "nvfp4"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SANA_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "SANA_REDIS_URL"),
+        description="Redis holding the job queues, job records and chunk streams (env REDIS_URL).",
+    )
+    model: str = Field(
+        "tiny",
+        description="Default model: used when a request names none, and accepted even before its worker is up.",
+    )
+    output_dir: Path = Field(
+        Path("outputs"),
+        description="Folder of finished MP4 files (<job id>.mp4); a volume shared by the API and all workers.",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys. Empty: no auth. Set: every route but health and metrics needs "
+        "'Authorization: Bearer <key>' and each key sees only its own jobs.",
+    )
+    max_frames: int = Field(8001, ge=1, description="Largest number of frames one request may ask for.")
+    max_pixels: int = Field(1280 * 720, ge=256, description="Largest width x height one request may ask for.")
+    max_queue: int = Field(1000, ge=1, description="Queued jobs per model beyond which submissions get 503.")
+    retry_after_s: int = Field(10, ge=1, description="Retry-After seconds sent with 429 and 503 answers.")
+    stream_maxlen: int = Field(
+        512,
+        ge=8,
+        description="Entries kept in a job's Redis chunk stream; older chunks are served from the output file.",
+    )
+    stream_ttl_s: int = Field(3600, ge=1, description="Seconds a job's chunk stream lives after the job ends.")
+    result_ttl_s: int = Field(
+        7 * 24 * 3600, ge=1, description="Seconds a job record (status, progress, errors) lives after the job ends."
+    )
+    job_timeout_s: int = Field(4 * 3600, ge=10, description="A job running longer than this is failed.")
+    heartbeat_s: float = Field(
+        5.0,
+        gt=0,
+        description="Worker heartbeat period. A worker silent for 3 periods is dead: its job is re-queued once.",
+    )
+    worker_device: str | None = Field(None, description="Default worker device (cuda:N or cpu); auto when unset.")
+    worker_precision: Precision = Field("auto", description="Default worker precision: auto, bf16, fp8 or nvfp4.")
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of a worker's Prometheus /metrics; 0 turns it off."
+    )
+    host: str = Field("0.0.0.0", description="Address the API listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def heartbeat_ttl_s(self) -> int:
+        """Seconds after the last heartbeat at which a worker (and its running job) counts as lost."""
+        return max(2, round(3 * self.heartbeat_s))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,315 @@
+"""The job contract between the API and the workers: Redis keys, job records and the RQ queue of each model.
+
+A job is plain data. The RQ job (one queue per model, JSON-serialized) carries the parameters; a Redis hash
+``sana:job:<id>`` is the record clients read (status, progress, timings, error). Status only moves forward::
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled
+    running -> queued            (its worker died; RQ re-queues it once, see ``on_job_failure``)
+
+Transitions are Lua scripts, so a cancel racing a worker's start, or two workers racing for a re-queued job,
+resolve in one place. Each transition that a viewer must see is also appended to the job's Redis Stream
+(``sana:job:<id>:stream``, see ``workers/output.py`` for the chunk entries).
+
+Nothing here imports torch: the API process uses this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import StrEnum
+from typing import Any
+
+import redis
+from rq import Callback, Queue, Retry
+from rq.exceptions import AbandonedJobError
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
+
+from server.settings import Settings, get_settings
+
+TASK = "workers.tasks.generate_video"
+FAILURE_CALLBACK = "workers.jobs.on_job_failure"
+# A job is re-queued this many times when its worker dies (an exception raised by the engine is not retried:
+# it would fail the same way again).
+RETRIES_ON_WORKER_LOSS = 1
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# Record fields holding JSON (decoded by read_job); binary fields are never decoded as text.
+_JSON_FIELDS = ("params", "progress", "error", "timings", "start")
+_FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "eta_s", "first_chunk_at")
+_INT_FIELDS = ("attempt", "chunks", "bytes", "init_attempt")
+_BINARY_FIELDS = ("init", "tail")
+
+
+def job_key(job_id: str) -> str:
+    return f"sana:job:{job_id}"
+
+
+def stream_key(job_id: str) -> str:
+    return f"sana:job:{job_id}:stream"
+
+
+def chunks_key(job_id: str) -> str:
+    """List of the current attempt's chunk events (JSON with the chunk's byte offset in the output file)."""
+    return f"sana:job:{job_id}:chunks"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by a cancel request; the worker reads it before every denoising step."""
+    return f"sana:job:{job_id}:cancel"
+
+
+def queue_name(model: str) -> str:
+    return f"sana:{model}"
+
+
+def connect(url: str) -> redis.Redis:
+    """A bytes-mode client (chunk payloads are binary; RQ expects bytes too)."""
+    return redis.Redis.from_url(url)
+
+
+def get_queue(r: redis.Redis, model: str) -> Queue:
+    return Queue(queue_name(model), connection=r, serializer=JSONSerializer)
+
+
+# ---------------------------------------------------------------------------------------------- transitions
+
+# KEYS[1] record; ARGV[1] comma-separated statuses allowed now; ARGV[2] new status; ARGV[3..] field, value...
+# Returns {1, old} when it moved, {0, current} when it did not, nil when the record does not exist.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return nil end
+for s in string.gmatch(ARGV[1], '[^,]+') do
+  if s == cur then
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
+    return {1, cur}
+  end
+end
+return {0, cur}
+"""
+
+# A worker takes the job: queued (or running, when the previous attempt's worker died and the re-queue
+# notice was lost) -> running, attempt + 1, and the previous attempt's output fields are cleared.
+# ARGV: field, value... Returns the new attempt number, or {0, status} when the job may not start.
+_START = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, 'missing'} end
+if cur ~= 'queued' and cur ~= 'running' then return {0, cur} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HDEL', KEYS[1], 'init', 'tail', 'start', 'init_attempt', 'chunks', 'bytes', 'progress', 'eta_s',
+           'first_chunk_at', 'error')
+redis.call('HSET', KEYS[1], 'status', 'running', unpack(ARGV))
+return attempt
+"""
+
+
+def _fields(mapping: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for k, v in mapping.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v)
+        out += [k, v]
+    return out
+
+
+def transition(r: redis.Redis, job_id: str, allowed: set[str], to: str, **fields: Any) -> tuple[bool, str | None]:
+    """Move the record to ``to`` if its status is one of ``allowed``; returns (moved, status before)."""
+    res = r.eval(_TRANSITION, 1, job_key(job_id), ",".join(sorted(allowed)), to, *_fields(fields))
+    if res is None:
+        return False, None
+    return bool(res[0]), res[1].decode()
+
+
+def start_attempt(r: redis.Redis, job_id: str, **fields: Any) -> int | None:
+    """Mark the job running for a new attempt; None when it was cancelled (or ended) meanwhile."""
+    res = r.eval(_START, 1, job_key(job_id), *_fields(fields))
+    if isinstance(res, list):
+        return None
+    return int(res)
+
+
+def publish_event(r: redis.Redis | redis.client.Pipeline, job_id: str, event: dict, data: bytes = b"",
+                  maxlen: int | None = None) -> None:
+    """Append one event (and its binary payload, if any) to the job's stream, trimming old entries."""
+    fields = {"type": event["type"], "attempt": event.get("attempt", 0), "event": json.dumps(event)}
+    if "index" in event:
+        fields["index"] = event["index"]
+    if data:
+        fields["data"] = data
+    r.xadd(stream_key(job_id), fields, maxlen=maxlen or get_settings().stream_maxlen, approximate=False)
+
+
+def expire_job(pipe: redis.client.Pipeline, job_id: str, settings: Settings) -> None:
+    """Start the retention clocks once a job has ended."""
+    pipe.expire(job_key(job_id), settings.result_ttl_s)
+    pipe.expire(chunks_key(job_id), settings.result_ttl_s)
+    pipe.expire(stream_key(job_id), settings.stream_ttl_s)
+    pipe.delete(cancel_key(job_id))
+
+
+def end_job(r: redis.Redis, job_id: str, status: JobStatus, *, allowed: set[str], event: dict,
+            data: bytes = b"", settings: Settings | None = None, **fields: Any) -> bool:
+    """Move a job to a terminal status, tell its viewers, start its retention clocks. False if it had ended."""
+    settings = settings or get_settings()
+    moved, _ = transition(r, job_id, allowed, status, finished_at=time.time(), **fields)
+    if not moved:
+        return False
+    with r.pipeline(transaction=False) as pipe:
+        publish_event(pipe, job_id, event, data, maxlen=settings.stream_maxlen)
+        expire_job(pipe, job_id, settings)
+        pipe.execute()
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- API side
+
+
+def submit_job(r: redis.Redis, *, job_id: str, model: str, params: dict, owner: str,
+               settings: Settings) -> None:
+    """Write the record and put the job on its model's queue. ``params`` are plain JSON values."""
+    r.hset(job_key(job_id), mapping={
+        "id": job_id,
+        "model": model,
+        "status": JobStatus.QUEUED,
+        "owner": owner,
+        "params": json.dumps(params),
+        "created_at": time.time(),
+        "attempt": 0,
+    })
+    get_queue(r, model).enqueue(
+        TASK,
+        job_id,
+        model,
+        params,
+        job_id=job_id,
+        description=f"generate {model} {job_id}",
+        job_timeout=settings.job_timeout_s,
+        result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.result_ttl_s,
+        retry=Retry(max=RETRIES_ON_WORKER_LOSS),
+        on_failure=Callback(FAILURE_CALLBACK),
+    )
+
+
+def queue_depth(r: redis.Redis, model: str) -> int:
+    return get_queue(r, model).count
+
+
+def read_job(r: redis.Redis, job_id: str, *, binary: bool = False) -> dict[str, Any] | None:
+    """The job record as plain values, or None. ``binary`` keeps the init/tail segments (bytes)."""
+    raw = r.hgetall(job_key(job_id))
+    return decode_record(raw, binary=binary) if raw else None
+
+
+def decode_record(raw: dict[bytes, bytes], *, binary: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = k.decode()
+        if key in _BINARY_FIELDS:
+            if binary:
+                out[key] = v
+        elif key in _JSON_FIELDS:
+            out[key] = json.loads(v)
+        elif key in _FLOAT_FIELDS:
+            out[key] = float(v)
+        elif key in _INT_FIELDS:
+            out[key] = int(v)
+        else:
+            out[key] = v.decode()
+    return out
+
+
+def request_cancel(r: redis.Redis, job_id: str, settings: Settings | None = None) -> str | None:
+    """Cancel a job: a queued one leaves its queue now, a running one stops at its next denoising step.
+
+    Returns the status after the request (``running`` while the worker has yet to stop), None if unknown.
+    """
+    settings = settings or get_settings()
+    # The flag first: a worker that starts the job right now still sees it before its first step.
+    r.set(cancel_key(job_id), 1, ex=settings.job_timeout_s + 3600)
+    event = {"type": "done", "status": JobStatus.CANCELLED, "attempt": 0, "chunks": 0}
+    if end_job(r, job_id, JobStatus.CANCELLED, allowed={JobStatus.QUEUED}, event=event, settings=settings,
+               error=json.dumps({"type": "Cancelled", "message": "cancelled before it started"})):
+        _remove_from_queue(r, job_id)
+        return JobStatus.CANCELLED
+    record = read_job(r, job_id)
+    if record is None:
+        r.delete(cancel_key(job_id))
+        return None
+    if record["status"] in TERMINAL:
+        r.delete(cancel_key(job_id))
+    return record["status"]
+
+
+def _remove_from_queue(r: redis.Redis, job_id: str) -> None:
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    try:
+        Job.fetch(job_id, connection=r, serializer=JSONSerializer).cancel()
+    except (NoSuchJobError, Exception):  # already taken by a worker, which will see the cancelled record
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- lost workers
+
+
+def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
+    """RQ failure callback. Only a lost worker matters here: the task records its own failures.
+
+    RQ's StartedJobRegistry cleanup calls this for a job whose worker stopped heartbeating, before it
+    re-queues the job (retries left) or fails it (none left). We mirror that in the record and tell viewers.
+    """
+    if exc_type is None or not issubclass(exc_type, AbandonedJobError):
+        return
+    settings = get_settings()
+    record = read_job(connection, job.id)
+    if record is None:
+        return
+    worker = record.get("worker", "?")
+    attempt = record.get("attempt", 0)
+    if job.retries_left and job.retries_left > 0:
+        note = f"worker {worker} stopped responding during attempt {attempt}; the job was re-queued"
+        moved, _ = transition(connection, job.id, {JobStatus.RUNNING}, JobStatus.QUEUED, requeued=note)
+        if moved:
+            publish_event(connection, job.id, {"type": "status", "status": JobStatus.QUEUED, "attempt": attempt,
+                                               "reason": note}, maxlen=settings.stream_maxlen)
+        return
+    error = {
+        "type": "WorkerLost",
+        "message": f"the worker running this job stopped responding {attempt} times (last: {worker}); "
+                   "it is not retried again",
+    }
+    end_job(connection, job.id, JobStatus.FAILED, allowed={JobStatus.RUNNING, JobStatus.QUEUED},
+            event={"type": "error", "status": JobStatus.FAILED, "attempt": attempt, "error": error},
+            settings=settings, error=json.dumps(error))
+
+
+def requeue_abandoned(r: redis.Redis, models: list[str]) -> None:
+    """Find running jobs whose worker stopped heartbeating: re-queue them once, then fail them.
+
+    Safe to call from any process and thread (the API and every worker do, each heartbeat): RQ's queue
+    maintenance lock lets one caller at a time clean a queue, and the thread-based death penalty works off the
+    main thread.
+    """
+    for model in models:
+        queue = get_queue(r, model)
+        if not queue.acquire_maintenance_lock():
+            continue
+        try:
+            StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
+        finally:
+            queue.release_maintenance_lock()

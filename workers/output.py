@@ -1,0 +1,117 @@
+"""Where one attempt of a job puts its video: the output file, the chunk table and the Redis stream.
+
+Every fragmented-MP4 segment is written once and the same bytes go three ways, in this order:
+
+1. appended to ``<output_dir>/<id>.mp4.partial`` (renamed to ``<id>.mp4`` when the job succeeds, deleted
+   when it fails or is cancelled: a finished name is always a complete file);
+2. recorded in the chunk table ``sana:job:<id>:chunks`` (the chunk event plus its byte offset in the file),
+   so a viewer who falls behind the stream's bounded retention reads the chunk from the file instead;
+3. appended to the stream ``sana:job:<id>:stream`` for live viewers.
+
+A re-queued job (its first worker died) starts a new attempt: the file is truncated, the chunk table reset, and
+a ``start`` entry with the new attempt number is appended. Viewers treat a start of a newer attempt as
+"restart from chunk 0" (``server/stream.py``), so they never mix bytes of two attempts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from server.settings import Settings
+from workers import jobs
+
+
+def video_path(output_dir: Path, job_id: str) -> Path:
+    return Path(output_dir) / f"{job_id}.mp4"
+
+
+def partial_path(output_dir: Path, job_id: str) -> Path:
+    return Path(output_dir) / f"{job_id}.mp4.partial"
+
+
+class JobOutput:
+    """The output of one attempt of one job. Use ``begin``, then ``chunk``/``progress``, then ``finish`` or
+    ``discard``."""
+
+    def __init__(self, r: redis.Redis, job_id: str, attempt: int, settings: Settings):
+        self.r = r
+        self.job_id = job_id
+        self.attempt = attempt
+        self.settings = settings
+        self.partial = partial_path(settings.output_dir, job_id)
+        self.final = video_path(settings.output_dir, job_id)
+        self._file = None
+        self.chunks = 0
+        self.bytes = 0
+
+    def _publish(self, pipe, event: dict, data: bytes = b"") -> None:
+        jobs.publish_event(pipe, self.job_id, event, data, maxlen=self.settings.stream_maxlen)
+
+    def begin(self, start_event: dict[str, Any], init_segment: bytes) -> None:
+        """Open a fresh output file with the MP4 init segment and announce the attempt to viewers."""
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.partial, "wb")  # truncates what an earlier attempt left
+        self._file.write(init_segment)
+        self._file.flush()
+        self.bytes = len(init_segment)
+        event = dict(start_event, type="start", attempt=self.attempt, init_bytes=len(init_segment))
+        with self.r.pipeline() as pipe:
+            pipe.delete(jobs.chunks_key(self.job_id))
+            pipe.hset(jobs.job_key(self.job_id), mapping={
+                "init": init_segment, "init_attempt": self.attempt, "start": json.dumps(event),
+                "chunks": 0, "bytes": self.bytes,
+            })
+            self._publish(pipe, event, init_segment)
+            pipe.execute()
+
+    def chunk(self, chunk_event: dict[str, Any], segment: bytes) -> dict[str, Any]:
+        """Append one media segment everywhere; returns the event sent to viewers."""
+        offset = self.bytes
+        self._file.write(segment)
+        self._file.flush()
+        self.bytes += len(segment)
+        self.chunks += 1
+        event = dict(chunk_event, type="chunk", attempt=self.attempt, offset=offset, bytes=len(segment))
+        with self.r.pipeline() as pipe:
+            pipe.rpush(jobs.chunks_key(self.job_id), json.dumps(event))
+            pipe.hset(jobs.job_key(self.job_id), mapping={"chunks": self.chunks, "bytes": self.bytes})
+            self._publish(pipe, event, segment)
+            pipe.execute()
+        return event
+
+    def progress(self, progress: dict[str, Any], eta_s: float | None) -> None:
+        event = {"type": "progress", "attempt": self.attempt, **progress, "eta_s": eta_s}
+        mapping: dict[str, Any] = {"progress": json.dumps(progress)}
+        with self.r.pipeline(transaction=False) as pipe:
+            if eta_s is None:
+                pipe.hdel(jobs.job_key(self.job_id), "eta_s")
+            else:
+                mapping["eta_s"] = eta_s
+            pipe.hset(jobs.job_key(self.job_id), mapping=mapping)
+            self._publish(pipe, event)
+            pipe.execute()
+
+    def finish(self, tail: bytes) -> Path:
+        """Write the closing bytes, make the file durable and give it its final name."""
+        if tail:
+            self._file.write(tail)
+        self.bytes += len(tail)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self.partial, self.final)
+        self.r.hset(jobs.job_key(self.job_id), mapping={"tail": tail, "bytes": self.bytes})
+        return self.final
+
+    def discard(self) -> None:
+        """Drop the partial file (failed or cancelled attempt)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.partial.unlink(missing_ok=True)

@@ -1,0 +1,156 @@
+"""A GPU worker: loads the engine once, then takes jobs from its model's queue one at a time.
+
+It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded) with three changes:
+
+- a heartbeat thread refreshes the worker's registration (``workers/registry.py``), RQ's worker and execution
+  heartbeats, and looks for jobs of dead workers (``jobs.requeue_abandoned``), every ``SANA_HEARTBEAT_S``;
+- a running job's execution expires ``3 x SANA_HEARTBEAT_S`` after the last heartbeat (RQ's default for an
+  in-process worker is the job timeout, hours), so a ``kill -9`` is noticed within seconds;
+- retries are for lost workers only: an exception raised by a job is final (it would recur on any worker).
+
+Run it with ``sana-video worker --model NAME --device cuda:N`` (or ``python -m workers``). Any number of workers
+on any number of GPUs and hosts may share a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from engine.types import GenerationParams
+from server.settings import Settings, get_settings
+from workers import jobs, metrics, tasks
+from workers.registry import canonical_model, register_worker, unregister_worker
+
+log = logging.getLogger("sana.worker")
+
+
+class GenerationWorker(SimpleWorker):
+    def __init__(self, models: list[str], *, connection, name: str, settings: Settings, info: dict):
+        super().__init__(
+            [jobs.get_queue(connection, m) for m in models],
+            name=name,
+            connection=connection,
+            serializer=JSONSerializer,
+            # RQ blocks on the queue for worker_ttl - 15 s between its own maintenance passes; ours run in the
+            # heartbeat thread, so a short block only keeps shutdown snappy.
+            worker_ttl=20,
+            log_job_description=False,
+        )
+        self.models = models
+        self.settings = settings
+        self.info = info
+        self._lock = threading.Lock()
+        self._running = None  # (rq Job, rq Execution) while a job runs
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+
+    # -- RQ hooks ----------------------------------------------------------------------------------------
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        return self.settings.heartbeat_ttl_s
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        job.retries_left = 0  # retries are for lost workers only (StartedJobRegistry cleanup)
+        return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    def perform_job(self, job, queue, execution) -> bool:
+        with self._lock:
+            self._running = (job, execution)
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            with self._lock:
+                self._running = None
+
+    def bootstrap(self, *args, **kwargs) -> None:
+        super().bootstrap(*args, **kwargs)  # registers the RQ worker
+        self.beat()  # now visible to the API as serving its models
+        self._thread.start()
+
+    def work(self, *args, **kwargs) -> bool:
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            self._stopped.set()
+            unregister_worker(self.connection, self.name)
+
+    # -- heartbeat ---------------------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Tell Redis this worker (and its running job) is alive; re-queue jobs of workers that are not."""
+        with self._lock:
+            running = self._running
+            if running is not None:
+                self.maintain_heartbeats(*running)
+            else:
+                self.heartbeat()
+        job_id = running[0].id if running is not None else None
+        register_worker(self.connection, self.name, dict(self.info, busy=job_id is not None, job=job_id),
+                        self.settings.heartbeat_ttl_s)
+        jobs.requeue_abandoned(self.connection, self.models)
+        metrics.LAST_HEARTBEAT.set_to_current_time()
+        metrics.GPU_MEMORY.labels(self.info["device"]).set(tasks.gpu_memory_bytes(self.info["device"]))
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopped.wait(self.settings.heartbeat_s):
+            try:
+                self.beat()
+            except Exception:  # Redis hiccup: try again next period; the TTL covers a few misses
+                log.exception("heartbeat failed")
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def run_worker(model: str | None = None, device: str | None = None, precision: str | None = None,
+               engine_path: str | None = None, metrics_port: int | None = None, burst: bool = False) -> None:
+    """Load ``model`` on ``device`` and serve its queue until stopped (Ctrl-C: finish the job, then exit).
+
+    ``burst`` exits once the queue is empty. ``engine_path`` (a prebuilt engine file) is recorded in the
+    worker's registration for operators; the pipeline is loaded from ``model``.
+    """
+    import torch
+
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model = model or settings.model
+    precision = precision or settings.worker_precision
+    device = pick_device(device or settings.worker_device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # pin this process to one GPU
+    name = f"{socket.gethostname()}-{os.getpid()}"
+
+    log.info("loading %s on %s (precision %s)", model, device, precision)
+    engine = tasks.load_engine(model, device, precision, name)
+    pipe = engine.pipe
+    metrics.serve_metrics(settings.worker_metrics_port if metrics_port is None else metrics_port)
+
+    models = list(dict.fromkeys([pipe.name, canonical_model(model)]))
+    defaults = pipe.resolve(GenerationParams(prompt="defaults")).to_dict()
+    info = {
+        "model": pipe.name,
+        "device": engine.device,
+        "precision": precision,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "engine_path": engine_path,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "causal": bool(pipe.causal),
+        "limits": pipe.limits(),
+        "defaults": {k: defaults[k] for k in ("width", "height", "frames", "fps", "steps", "guidance_scale", "mode")},
+    }
+    r = jobs.connect(settings.redis_url)
+    worker = GenerationWorker(models, connection=r, name=name, settings=settings, info=info)
+    log.info("worker %s serving %s", name, ", ".join(models))
+    worker.work(burst=burst, logging_level="INFO")
