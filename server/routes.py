@@ -39,6 +39,7 @@ router = APIRouter()
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job (or another key's)."}}
 _AUTH = {401: {"model": ErrorBody, "description": "Missing or wrong API key."}}
 _LIMITS = {
+    400: {"model": ErrorBody, "description": "The body could not be parsed (not UTF-8 JSON)."},
     429: {"model": ErrorBody, "description": "Over a server limit (frames, pixels); see Retry-After."},
     503: {"model": ErrorBody, "description": "Queue full or Redis unreachable; see Retry-After."},
 }

@@ -17,7 +17,8 @@ Precision = Literal["auto", "bf16", "fp8", "nvfp4"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SANA_", extra="ignore")
+    # Empty variables count as unset (compose files list every variable, most of them empty).
+    model_config = SettingsConfigDict(env_prefix="SANA_", extra="ignore", env_ignore_empty=True)
 
     redis_url: str = Field(
         "redis://localhost:6379/0",

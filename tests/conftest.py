@@ -222,7 +222,7 @@ def ws_url(base_url: str, path: str) -> str:
 
 
 def read_stream(base_url: str, job_id: str, from_chunk: int = 0, stop=None, headers: dict | None = None,
-                timeout: float = 120) -> list[tuple[dict, bytes | None]]:
+                timeout: float = 120, access_token: str | None = None) -> list[tuple[dict, bytes | None]]:
     """Read WS /jobs/{id}/stream: a list of (event, binary payload or None) until the server closes, or until
     ``stop(event)`` returns True (the client then closes: a viewer that leaves)."""
     import json
@@ -232,6 +232,8 @@ def read_stream(base_url: str, job_id: str, from_chunk: int = 0, stop=None, head
 
     out: list[tuple[dict, bytes | None]] = []
     url = ws_url(base_url, f"/jobs/{job_id}/stream?from_chunk={from_chunk}")
+    if access_token:
+        url += f"&access_token={access_token}"
     with connect(url, additional_headers=headers or {}, open_timeout=10, max_size=None) as ws:
         while True:
             try:

@@ -288,6 +288,10 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
             publish_event(connection, job.id, {"type": "status", "status": JobStatus.QUEUED, "attempt": attempt,
                                                "reason": note}, maxlen=settings.stream_maxlen)
         return
+    from workers.output import partial_path
+
+    # The dead worker could not clean up after itself; no half-written file stays behind.
+    partial_path(settings.output_dir, job.id).unlink(missing_ok=True)
     error = {
         "type": "WorkerLost",
         "message": f"the worker running this job stopped responding {attempt} times (last: {worker}); "

@@ -131,10 +131,11 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
         torch.cuda.set_device(torch.device(device))  # pin this process to one GPU
     name = f"{socket.gethostname()}-{os.getpid()}"
 
+    # /metrics answers while the model loads (container healthchecks); the heartbeat gauge starts after.
+    metrics.serve_metrics(settings.worker_metrics_port if metrics_port is None else metrics_port)
     log.info("loading %s on %s (precision %s)", model, device, precision)
     engine = tasks.load_engine(model, device, precision, name)
     pipe = engine.pipe
-    metrics.serve_metrics(settings.worker_metrics_port if metrics_port is None else metrics_port)
 
     models = list(dict.fromkeys([pipe.name, canonical_model(model)]))
     defaults = pipe.resolve(GenerationParams(prompt="defaults")).to_dict()

@@ -1,0 +1,106 @@
+"""Lost workers: ``kill -9`` of the worker running a job re-queues the job once to another worker, which restarts
+it cleanly (viewers are told, the file starts over); a second death fails it with a clear error.
+
+Three tiny-causal workers heartbeat every 0.5 s, so a dead one is noticed within ~2 s.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+from conftest import decode_mp4, read_stream, wait_job, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MODEL = "tiny-causal"
+
+
+@pytest.fixture(scope="module")
+def stack(services):
+    services.defaults = {"SANA_MODEL": MODEL}
+    api = services.api()
+    workers = [services.worker(MODEL, wait=False) for _ in range(3)]
+    for w in workers:
+        services.wait_worker(w)
+    client = httpx.Client(base_url=api, timeout=30)
+    yield type("Stack", (), {"url": api, "client": client, "workers": workers, "services": services})
+    client.close()
+
+
+def worker_running(stack, job_id: str, attempt: int, chunks: int = 1):
+    """Wait until ``attempt`` of the job has published ``chunks`` chunks; returns the worker process running it."""
+    def reached():
+        job = stack.client.get(f"/jobs/{job_id}").json()
+        assert job["status"] in ("queued", "running"), job
+        return job if job["attempt"] == attempt and job["status"] == "running" and job["chunks"] >= chunks else None
+
+    job = wait_until(reached, 120, interval=0.05, what=f"attempt {attempt} of job {job_id} to publish a chunk")
+    pid = worker_pid(stack, job_id)
+    return next(w for w in stack.workers if w.pid == pid), job
+
+
+def worker_pid(stack, job_id: str) -> int:
+    """The process id of the worker that took the job's latest attempt (worker names end in -<pid>)."""
+    from workers.jobs import read_job
+
+    client = stack.services.redis.client()
+    try:
+        return int(read_job(client, job_id)["worker"].rsplit("-", 1)[1])
+    finally:
+        client.close()
+
+
+def test_killed_worker_job_is_requeued_and_finishes_elsewhere(stack, services):
+    job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": 129, "seed": 11}).json()["id"]
+    viewed: list = []
+    viewer = threading.Thread(target=lambda: viewed.extend(read_stream(stack.url, job_id)))
+    viewer.start()
+
+    first, _ = worker_running(stack, job_id, attempt=1)
+    first.kill9()
+
+    job = wait_job(stack.client, job_id, timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["attempt"] == 2
+    assert worker_pid(stack, job_id) != first.pid
+    video = stack.client.get(f"/jobs/{job_id}/video").content
+    assert len(decode_mp4(video)) == 129
+    assert not (services.output_dir / f"{job_id}.mp4.partial").exists()
+
+    # The viewer who watched throughout was told, and got attempt 2 whole after the restart marker.
+    viewer.join(120)
+    kinds = [e["type"] for e, _ in viewed]
+    assert kinds[-1] == "done"
+    assert any(e["type"] == "status" and e["status"] == "queued" and "re-queued" in e["reason"] for e, _ in viewed)
+    restart = kinds.index("restart")
+    before = [e for e, _ in viewed[:restart] if e["type"] == "chunk"]
+    assert before and [e["index"] for e in before] == list(range(len(before)))
+    assert all(e["attempt"] == 1 for e in before)
+    after = viewed[restart + 1:]
+    assert after[0][0]["type"] == "start" and after[0][0]["attempt"] == 2
+    chunks = [(e, d) for e, d in after if e["type"] == "chunk"]
+    assert [e["index"] for e, _ in chunks] == list(range(job["progress"]["blocks_total"]))
+    assert all(e["attempt"] == 2 for e, _ in chunks)
+    assert b"".join(d for _, d in after if d is not None) == video
+
+
+def test_second_death_fails_the_job_with_a_clear_error(stack, services):
+    job_id = stack.client.post("/generate", json={"prompt": "a cat", "frames": 201, "seed": 12}).json()["id"]
+    first, _ = worker_running(stack, job_id, attempt=1)
+    first.kill9()
+    second, _ = worker_running(stack, job_id, attempt=2)
+    assert second is not first
+    second.kill9()
+
+    job = wait_job(stack.client, job_id, timeout=120)
+    assert job["status"] == "failed", job
+    assert job["error"]["type"] == "WorkerLost"
+    assert "2 times" in job["error"]["message"] and "not retried" in job["error"]["message"]
+    assert not (services.output_dir / f"{job_id}.mp4.partial").exists()
+    assert not (services.output_dir / f"{job_id}.mp4").exists()
+    video = stack.client.get(f"/jobs/{job_id}/video")
+    assert video.status_code == 409 and video.json()["status"] == "failed"
+    events = read_stream(stack.url, job_id)  # a viewer arriving now learns how it ended
+    assert events[-1][0]["type"] == "error" and events[-1][0]["error"]["type"] == "WorkerLost"
