@@ -128,6 +128,24 @@ def test_python_client_reports_a_rejected_request(stack, tmp_path):
     assert not out.exists() and not out.with_name("bad.mp4.part").exists()
 
 
+def readme_snippet(language: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("<!-- deploy:start -->"):text.index("<!-- deploy:end -->")]
+    (snippet,) = re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    return snippet
+
+
+def test_readme_python_snippet_streams_a_video(stack, tmp_path):
+    snippet = readme_snippet("python")
+    assert 'SERVER = "http://localhost:8000"' in snippet
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace('SERVER = "http://localhost:8000"', f'SERVER = "{stack.api}"'))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("done succeeded")
+    assert len(decode_mp4(tmp_path / "fox.mp4")) == 33  # the model's default length
+
+
 def node_websocket_command() -> list[str]:
     node = shutil.which("node")
     if node is None:
