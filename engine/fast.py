@@ -1,0 +1,284 @@
+"""Turn a loaded ``SanaVideoTransformer`` into the fast one, in place: same inputs, same outputs (to rounding).
+
+``optimize(model)`` replaces every ``TransformerBlock`` by a ``FastBlock`` built from its weights:
+- q|k|v as one GEMM, the text's k|v as one GEMM;
+- ReLU linear attention through the fused Triton kernels (engine/kernels/linear_attention.py): RoPE, the S/z
+  accumulation and the normalisation in two passes over bf16 q, k, v, never an fp32 copy of them;
+- the Mix-FFN on channels-last tokens: 1x1 convs as GEMMs, bias + SiLU + depthwise 3x3 + GLU gate in one kernel
+  (engine/kernels/mixffn.py), the temporal (3,1) conv as one GEMM to three frame-shifted outputs summed with the
+  residual in the next pointwise pass (no permutes, no padded copies);
+- optionally every big linear layer in scaled FP8 (engine/kernels/fp8.py);
+- each block's math compiled once (regional ``torch.compile``: the 20 blocks share one compiled graph per shape),
+  so norms, modulation, gates and residuals fuse into a few memory passes.
+The block-causal state (BlockState) is read and committed outside the compiled region, exactly as the reference
+block does. ``GraphedTransformer`` adds CUDA-graph replay for fixed-shape clip steps.
+
+The reference model (engine/model.py) is untouched; tests pin ``FastBlock`` to ``TransformerBlock``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.kernels import linear_attention as la
+from engine.kernels import mixffn
+from engine.kernels.fp8 import FP8Linear, fp8_supported
+from engine.model import LINEAR_ATTENTION_EPS, SanaVideoTransformer, TransformerBlock
+
+
+@dataclasses.dataclass(frozen=True)
+class FastSettings:
+    """What ``optimize`` did to a model (kept on it as ``model.fast_settings``)."""
+
+    kernels: bool = True       # Triton kernels (else their PyTorch references, same restructured math)
+    fp8: bool = False          # scaled FP8 GEMMs for the block linears
+    compile: bool = True       # regional torch.compile of each block's math
+    compile_mode: str | None = None
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool) -> nn.Module:
+    out_f, in_f = weight.shape
+    if fp8 and fp8_supported(in_f, out_f):
+        return FP8Linear(weight, bias, out_dtype=weight.dtype)
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def _cat_bias(*layers: nn.Linear) -> torch.Tensor | None:
+    if all(layer.bias is None for layer in layers):
+        return None
+    return torch.cat([layer.bias if layer.bias is not None else torch.zeros_like(layer.weight[:, 0]) for layer in layers])
+
+
+class BlockCore(nn.Module):
+    """The math of one transformer block as a pure function (what gets compiled).
+
+    forward(x [B, N, C], context [B, L, C], context_bias [B, 1, L] | None, temb [B, 1, 6C], cos/sin [N, d/2],
+    grid (F, H, W), S_prev [B, h, d, d] | None, z_prev [B, h, d] | None, left [B, C, 1, H*W] | None,
+    block_frames tuple | None) -> (x, S, z, last): the block output, this call's attention sums and the last frame
+    of the temporal conv's input ([B, C, 1, H*W], the state's layout).
+    """
+
+    def __init__(self, block: TransformerBlock, fp8: bool, kernels: bool):
+        super().__init__()
+        a1, a2, ff = block.attn1, block.attn2, block.ff
+        self.kernels = kernels
+        self.heads = a1.heads
+        self.cross_heads = a2.heads
+        self.scale_shift_table = block.scale_shift_table
+        self.norm1_eps = block.norm1.eps
+        self.norm2 = block.norm2
+        with torch.no_grad():
+            # Self-attention.
+            qkv_w = torch.cat([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight])
+            self.qkv = _linear(qkv_w, _cat_bias(a1.to_q, a1.to_k, a1.to_v), fp8)
+            self.norm_q, self.norm_k = a1.norm_q, a1.norm_k
+            self.attn_out = _linear(a1.to_out[0].weight, a1.to_out[0].bias, fp8)
+            # Cross-attention (the text side is a few hundred tokens: kept in bf16).
+            self.cross_q = _linear(a2.to_q.weight, a2.to_q.bias, fp8)
+            self.cross_kv = _linear(torch.cat([a2.to_k.weight, a2.to_v.weight]), _cat_bias(a2.to_k, a2.to_v), False)
+            self.cross_norm_q, self.cross_norm_k = a2.norm_q, a2.norm_k
+            self.cross_out = _linear(a2.to_out[0].weight, a2.to_out[0].bias, fp8)
+            # Mix-FFN: 1x1 convs (or their Linear form) as GEMMs; the expansion's bias goes into the fused kernel.
+            w_in = ff.conv_inverted.weight.flatten(1)
+            self.ffn_in = _linear(w_in, None, fp8)
+            self.ffn_in_bias = nn.Parameter(ff.conv_inverted.bias.detach().clone(), requires_grad=False)
+            self.dw_weight = nn.Parameter(ff.conv_depth.weight.detach().clone(), requires_grad=False)
+            self.dw_bias = nn.Parameter(ff.conv_depth.bias.detach().clone(), requires_grad=False)
+            self.ffn_out = _linear(ff.conv_point.weight.flatten(1), None, fp8)
+            wt = ff.conv_temp.weight[..., 0]  # [C_out, C_in, 3]: taps at frames f-1, f, f+1
+            self.temporal = _linear(torch.cat([wt[:, :, 0], wt[:, :, 1], wt[:, :, 2]]), None, fp8)
+            self.temporal_prev = nn.Parameter(wt[:, :, 0].detach().clone(), requires_grad=False)
+
+    # -- parts -------------------------------------------------------------------------------------------------------
+
+    def _attention_sums(self, k, v, cos, sin):
+        if self.kernels:
+            return torch.ops.sana.linear_attention_sums(k, v, cos, sin, self.heads)
+        return la.sums_reference(k, v, cos, sin, self.heads)
+
+    def _attend(self, q, cos, sin, S, z):
+        if self.kernels:
+            return torch.ops.sana.linear_attention_apply(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
+        return la.apply_reference(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
+
+    def self_attention(self, h, cos, sin, S_prev, z_prev, block_tokens):
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k = F.relu(q), F.relu(k)
+        if block_tokens is not None:
+            outs, S_acc, z_acc = [], None, None
+            for start, stop in block_tokens:
+                S, z = self._attention_sums(k[:, start:stop], v[:, start:stop], cos[start:stop], sin[start:stop])
+                S_acc, z_acc = (S, z) if S_acc is None else (S_acc + S, z_acc + z)
+                outs.append(self._attend(q[:, start:stop], cos[start:stop], sin[start:stop], S_acc, z_acc))
+            out, S, z = torch.cat(outs, dim=1), S_acc, z_acc
+        else:
+            S, z = self._attention_sums(k, v, cos, sin)
+            S_tot, z_tot = (S, z) if S_prev is None else (S + S_prev, z + z_prev)
+            out = self._attend(q, cos, sin, S_tot, z_tot)
+        return self.attn_out(out), S, z
+
+    def cross_attention(self, x, context, context_bias):
+        B = x.shape[0]
+        q = self.cross_q(x)
+        k, v = self.cross_kv(context).chunk(2, dim=-1)
+        if self.cross_norm_q is not None:
+            q, k = self.cross_norm_q(q), self.cross_norm_k(k)
+        heads = self.cross_heads
+        q, k, v = (t.view(B, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+        mask = None if context_bias is None else context_bias[:, None].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.cross_out(out.transpose(1, 2).flatten(2).type_as(q))
+
+    def mix_ffn(self, h, grid, left, block_frames):
+        B, N, C = h.shape
+        frames, height, width = grid
+        hw = height * width
+        e = self.ffn_in(h)
+        e = e.view(B * frames, height, width, e.shape[-1])
+        if self.kernels:
+            g = torch.ops.sana.dwconv_glu(e, self.dw_weight, self.dw_bias, self.ffn_in_bias, True)
+        else:
+            g = mixffn.dwconv_glu_reference(e, self.dw_weight, self.dw_bias, self.ffn_in_bias, True)
+        t = self.ffn_out(g.reshape(B, frames, hw, g.shape[-1]))  # [B, F, HW, C]: the temporal conv's input
+        y_prev, y_mid, y_next = self.temporal(t).chunk(3, dim=-1)
+        zeros = torch.zeros_like(t[:, :1])
+        if left is not None:
+            first = F.linear(left[:, :, 0].transpose(1, 2).to(t.dtype), self.temporal_prev)[:, None]
+        else:
+            first = zeros
+        from_prev = torch.cat([first, y_prev[:, :-1]], dim=1)   # W0 t[f-1]
+        from_next = torch.cat([y_next[:, 1:], zeros], dim=1)    # W2 t[f+1]
+        if block_frames is not None:
+            # Each block is zero-padded on its right: no tap across a block's last frame.
+            keep, start = [1.0] * frames, 0
+            for n in block_frames:
+                start += n
+                keep[start - 1] = 0.0
+            from_next = from_next * torch.tensor(keep, device=t.device, dtype=t.dtype)[None, :, None, None]
+        out = t + (from_prev + y_mid + from_next)
+        last = t[:, -1].transpose(1, 2).unsqueeze(2)  # [B, C, 1, HW]
+        return out.reshape(B, N, C), last
+
+    # -- the block ---------------------------------------------------------------------------------------------------
+
+    def forward(self, x, context, context_bias, temb, cos, sin, grid: tuple[int, int, int], S_prev=None, z_prev=None,
+                left=None, block_frames: tuple[int, ...] | None = None):
+        B, N, C = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None, None] + temb.reshape(B, temb.shape[1], 6, -1)
+        ).unbind(dim=2)
+        block_tokens = None
+        if block_frames is not None:
+            per_frame, start, block_tokens = grid[1] * grid[2], 0, []
+            for n in block_frames:
+                block_tokens.append((start * per_frame, (start + n) * per_frame))
+                start += n
+        h = (F.layer_norm(x, (C,), eps=self.norm1_eps) * (1 + scale_msa) + shift_msa).to(x.dtype)
+        attn, S, z = self.self_attention(h, cos, sin, S_prev, z_prev, block_tokens)
+        x = x + gate_msa * attn
+        x = x + self.cross_attention(x, context, context_bias)
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        ff, last = self.mix_ffn(h, grid, left, block_frames)
+        x = x + gate_mlp * ff
+        return x, S, z, last
+
+
+class FastBlock(nn.Module):
+    """Drop-in for ``TransformerBlock`` (same forward signature); state I/O stays outside the compiled core."""
+
+    def __init__(self, block: TransformerBlock, fp8: bool = False, kernels: bool = True):
+        super().__init__()
+        self.core = BlockCore(block, fp8=fp8, kernels=kernels)
+
+    def forward(self, x, context, context_bias, temb, rope, grid, layer, state=None, commit=False, block_frames=None):
+        # Per-pair RoPE tables [N, d/2] as views of the model's interleaved [1, N, 1, d] tables (no copy).
+        cos, sin = rope[0][0, :, 0, 0::2], rope[1][0, :, 0, 1::2]
+        S_prev = z_prev = left = None
+        if state is not None:
+            S_prev, z_prev = state.attention_sums(layer)
+            left = state.conv_context(layer)
+        x, S, z, last = self.core(x, context, context_bias, temb, cos, sin, tuple(grid), S_prev, z_prev, left,
+                                  None if block_frames is None else tuple(block_frames))
+        if commit:
+            state.commit_layer(layer, S, z, last)
+        return x
+
+
+def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = False, compile: bool = True,
+             compile_mode: str | None = None) -> SanaVideoTransformer:
+    """Make ``model`` fast in place and return it. Call after loading weights and moving to the device/dtype.
+
+    ``kernels``: Triton kernels on CUDA (their PyTorch references elsewhere or when False). ``fp8``: scaled FP8
+    GEMMs (needs an FP8 GPU, e.g. H100, for speed; runs anywhere ``torch._scaled_mm`` does). ``compile``: compile
+    each block's math once per input shape (``dynamic=False``: one specialised graph per resolution bucket).
+    """
+    for i, block in enumerate(model.transformer_blocks):
+        if isinstance(block, TransformerBlock):
+            model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels)
+    if compile:
+        import torch._dynamo
+
+        # One graph per resolution bucket x (clip, stream, commit) variant; leave room for several buckets.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for block in model.transformer_blocks:
+            block.core.compile(dynamic=False, mode=compile_mode)
+    model.fast_settings = FastSettings(kernels=kernels, fp8=fp8, compile=compile, compile_mode=compile_mode)
+    return model
+
+
+class GraphedTransformer:
+    """CUDA-graph replay of whole clip-mode forwards, one graph per input signature (shapes, dtypes, mask).
+
+    A replay launches the ~hundreds of kernels of a step at once, with no host work in between. Calls with a
+    block state, ``block_frames`` or ``guidance`` run the model as is. The returned tensor is a fresh copy.
+    """
+
+    def __init__(self, model: nn.Module, warmup: int = 2):
+        self.model = model
+        self.warmup = warmup
+        self.graphs: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None,
+                 **kwargs):
+        if kwargs or guidance is not None or not hidden_states.is_cuda:
+            return self.model(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, guidance, **kwargs)
+        inputs = (hidden_states, encoder_hidden_states, timestep, encoder_attention_mask)
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(inputs)
+            self.graphs[key] = entry
+        static_inputs, graph, out = entry
+        for dst, src in zip(static_inputs, inputs):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, inputs: Sequence):
+        static = [None if t is None else t.clone() for t in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(self.warmup):
+                self.model(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            out = self.model(*static)
+        return static, graph, out

@@ -1,0 +1,250 @@
+"""ReLU linear attention with RoPE on the numerator, fused: two Triton kernels and their PyTorch reference.
+
+``sums``: S = sum_n v_n rot(k_n)^T [B, heads, d, d] and z = sum_n k_n [B, heads, d] (fp32), in one pass over bf16
+k and v: the rotation happens in registers, the products accumulate in fp32 on the tensor cores. The token axis is
+split into chunks (enough programs to fill the GPU); per-chunk partials are summed afterwards, so the result does not
+depend on scheduling (no atomics).
+``apply``: out_n = (S rot(q_n)) / (z . q_n + eps), written in q's dtype, straight into the [B, N, heads*d] layout
+the output projection reads.
+
+Inputs are [B, N, heads*d] views with a contiguous last dimension (slices of a fused q|k|v projection work as they
+are). ``cos``/``sin`` are per-pair tables [N, d/2]: ``cos[n, i]`` rotates pair (2i, 2i+1) of token n, exactly as
+``engine.model.apply_rotary`` reads its interleaved tables (``cos[..., 0::2]``, ``sin[..., 1::2]``).
+Rotation follows the reference: computed in fp32 and rounded to the input dtype before the products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kernels import resolve_impl
+
+EPS = 1e-15
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path needs no Triton
+    triton = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` [B, N, heads, d] by per-pair tables [N, d/2]; fp32 math, x's dtype out."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :].float(), sin[None, :, None, :].float()
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+def sums_reference(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+    """S [B, heads, d, d], z [B, heads, d] (fp32) of k, v [B, N, heads*d] (k already non-negative)."""
+    k, v = k.unflatten(-1, (heads, -1)), v.unflatten(-1, (heads, -1))
+    k_rot = rotate_pairs(k, cos, sin)
+    S = torch.einsum("bnhc,bnhe->bhce", v.float(), k_rot.float())
+    return S, k.float().sum(dim=1)
+
+
+def apply_reference(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+                    eps: float = EPS) -> torch.Tensor:
+    """out [B, N, heads*d] in q's dtype from q [B, N, heads*d] (non-negative) and S, z of ``sums``."""
+    heads = S.shape[1]
+    q = q.unflatten(-1, (heads, -1))
+    q_rot = rotate_pairs(q, cos, sin)
+    num = torch.einsum("bhce,bnhe->bnhc", S, q_rot.float())
+    den = torch.einsum("bhe,bnhe->bnh", z, q.float()) + eps
+    return (num / den.unsqueeze(-1)).flatten(2).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _load_rotated(base, offs_n, stride_n, offs_d, mask, cos_ptr, sin_ptr, stride_rn, stride_rd):
+        """x [BLOCK_N, BLOCK_D] fp32 and its RoPE rotation (rounded to the input dtype, as the reference)."""
+        x_raw = tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
+        partner = tl.load(base + offs_n[:, None] * stride_n + (offs_d ^ 1)[None, :], mask=mask, other=0.0)
+        pair = offs_d // 2
+        c = tl.load(cos_ptr + offs_n[:, None] * stride_rn + pair[None, :] * stride_rd, mask=mask, other=0.0)
+        s = tl.load(sin_ptr + offs_n[:, None] * stride_rn + pair[None, :] * stride_rd, mask=mask, other=0.0)
+        sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
+        x = x_raw.to(tl.float32)
+        rot = x * c + partner.to(tl.float32) * s * sign[None, :]
+        return x, rot.to(x_raw.dtype)
+
+    @triton.jit
+    def _sums_kernel(k_ptr, v_ptr, cos_ptr, sin_ptr, s_ptr, z_ptr,
+                     N, BH,
+                     stride_kb, stride_kn, stride_vb, stride_vn, stride_rn, stride_rd,
+                     HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     TOKENS_PER_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        chunk = tl.program_id(1)
+        b = pid_bh // HEADS
+        h = pid_bh % HEADS
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        k_base = k_ptr + b * stride_kb + h * D
+        v_base = v_ptr + b * stride_vb + h * D
+        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)  # acc[e, c] = sum_n rot(k)[n, e] v[n, c]
+        z = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        start = chunk * TOKENS_PER_CHUNK  # a multiple of BLOCK_N: only the last chunk needs the N bound
+        for i in range(0, TOKENS_PER_CHUNK, BLOCK_N):
+            offs_n = start + i + tl.arange(0, BLOCK_N)
+            mask = (offs_n < N)[:, None] & mask_d[None, :]
+            k, k_rot = _load_rotated(k_base, offs_n, stride_kn, offs_d, mask, cos_ptr, sin_ptr, stride_rn, stride_rd)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
+            acc = tl.dot(tl.trans(k_rot.to(v.dtype)), v, acc, input_precision=PRECISION)
+            z += tl.sum(k, axis=0)
+        out = s_ptr + (chunk * BH + pid_bh) * D * D
+        tl.store(out + offs_d[None, :] * D + offs_d[:, None], acc, mask=mask_d[:, None] & mask_d[None, :])
+        tl.store(z_ptr + (chunk * BH + pid_bh) * D + offs_d, z, mask=mask_d)
+
+    @triton.jit
+    def _apply_kernel(q_ptr, cos_ptr, sin_ptr, s_ptr, z_ptr, o_ptr,
+                      N, eps,
+                      stride_qb, stride_qn, stride_ob, stride_on, stride_rn, stride_rd,
+                      HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TOKENS_PER_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+        pid_bh = tl.program_id(0)
+        chunk = tl.program_id(1)
+        b = pid_bh // HEADS
+        h = pid_bh % HEADS
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        # S^T[e, c] = S[c, e]: loaded once per program, reused for every token of the chunk.
+        st = tl.load(s_ptr + pid_bh * D * D + offs_d[None, :] * D + offs_d[:, None],
+                     mask=mask_d[:, None] & mask_d[None, :], other=0.0)
+        zv = tl.load(z_ptr + pid_bh * D + offs_d, mask=mask_d, other=0.0)
+        q_base = q_ptr + b * stride_qb + h * D
+        o_base = o_ptr + b * stride_ob + h * D
+        start = chunk * TOKENS_PER_CHUNK  # a multiple of BLOCK_N: only the last chunk needs the N bound
+        for i in range(0, TOKENS_PER_CHUNK, BLOCK_N):
+            offs_n = start + i + tl.arange(0, BLOCK_N)
+            mask = (offs_n < N)[:, None] & mask_d[None, :]
+            q, q_rot = _load_rotated(q_base, offs_n, stride_qn, offs_d, mask, cos_ptr, sin_ptr, stride_rn, stride_rd)
+            # tf32 products for 16-bit inputs: the rounded rotation is exact in tf32, S loses only its last
+            # mantissa bits. fp32 inputs (reference checks) ask for full fp32 products.
+            num = tl.dot(q_rot.to(tl.float32), st, input_precision=PRECISION)
+            den = tl.sum(q * zv[None, :], axis=1) + eps
+            out = num / den[:, None]
+            tl.store(o_base + offs_n[:, None] * stride_on + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def _chunks(n_tokens: int, programs_per_chunk: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(number of chunks, tokens per chunk): about 4 programs per SM, each chunk a multiple of ``block_n``."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    max_chunks = triton.cdiv(n_tokens, block_n)
+    chunks = max(1, min(max_chunks, triton.cdiv(4 * sms, programs_per_chunk)))
+    per_chunk = triton.cdiv(triton.cdiv(n_tokens, chunks), block_n) * block_n
+    return triton.cdiv(n_tokens, per_chunk), per_chunk
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _check(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, N, heads*d], got {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor, n: int, d: int):
+    if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
+        raise ValueError(f"rope tables must be [N, d/2] = [{n}, {d // 2}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if cos.stride() != sin.stride():
+        sin = sin.contiguous()
+        cos = cos.contiguous()
+    return cos.float() if cos.dtype != torch.float32 else cos, sin.float() if sin.dtype != torch.float32 else sin
+
+
+def _sums_triton(k, v, cos, sin, heads: int, block_n: int = 64):
+    B, N, HD = k.shape
+    D = HD // heads
+    k, v = _check(k, "k"), _check(v, "v")
+    cos, sin = _tables(cos, sin, N, D)
+    BH = B * heads
+    chunks, per_chunk = _chunks(N, BH, block_n, k.device)
+    S_part = torch.empty(chunks, B, heads, D, D, device=k.device, dtype=torch.float32)
+    z_part = torch.empty(chunks, B, heads, D, device=k.device, dtype=torch.float32)
+    _sums_kernel[(BH, chunks)](
+        k, v, cos, sin, S_part, z_part, N, BH,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
+        HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, TOKENS_PER_CHUNK=per_chunk, PRECISION=_precision(k),
+        num_warps=8, num_stages=2,
+    )
+    if chunks == 1:
+        return S_part[0], z_part[0]
+    return S_part.sum(0), z_part.sum(0)
+
+
+def _apply_triton(q, cos, sin, S, z, eps: float, block_n: int = 64):
+    B, N, HD = q.shape
+    heads, D = S.shape[1], S.shape[-1]
+    q = _check(q, "q")
+    cos, sin = _tables(cos, sin, N, D)
+    S, z = S.float().contiguous(), z.float().contiguous()
+    out = torch.empty(B, N, HD, device=q.device, dtype=q.dtype)
+    BH = B * heads
+    chunks, per_chunk = _chunks(N, BH, block_n, q.device)
+    _apply_kernel[(BH, chunks)](
+        q, cos, sin, S, z, out, N, eps,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0), cos.stride(1),
+        HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, TOKENS_PER_CHUNK=per_chunk, PRECISION=_precision(q),
+        num_warps=8, num_stages=2,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def linear_attention_sums(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                          impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """S = sum_n v_n rot(k_n)^T [B, heads, d, d] and z = sum_n k_n [B, heads, d], fp32.
+
+    k, v: [B, N, heads*d] (k non-negative: ReLU already applied); cos, sin: per-pair RoPE tables [N, d/2].
+    """
+    if resolve_impl(impl, k, v) == "triton":
+        return _sums_triton(k, v, cos, sin, heads)
+    return sums_reference(k, v, cos, sin, heads)
+
+
+def linear_attention_apply(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+                           eps: float = EPS, impl: str = "auto") -> torch.Tensor:
+    """out_n = (S rot(q_n)) / (z . q_n + eps): [B, N, heads*d] in q's dtype, q [B, N, heads*d] non-negative."""
+    if resolve_impl(impl, q) == "triton":
+        return _apply_triton(q, cos, sin, S, z, eps)
+    return apply_reference(q, cos, sin, S, z, eps)
+
+
+# Custom ops: one opaque node each under torch.compile (and safe inside CUDA-graph capture: no host syncs).
+
+
+@torch.library.custom_op("sana::linear_attention_sums", mutates_args=())
+def _sums_op(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    S, z = linear_attention_sums(k, v, cos, sin, heads)
+    return S.contiguous(), z.contiguous()
+
+
+@_sums_op.register_fake
+def _(k, v, cos, sin, heads):
+    B, _, HD = k.shape
+    D = HD // heads
+    return k.new_empty(B, heads, D, D, dtype=torch.float32), k.new_empty(B, heads, D, dtype=torch.float32)
+
+
+@torch.library.custom_op("sana::linear_attention_apply", mutates_args=())
+def _apply_op(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    return linear_attention_apply(q, cos, sin, S, z, eps)
+
+
+@_apply_op.register_fake
+def _(q, cos, sin, S, z, eps):
+    return torch.empty(q.shape, device=q.device, dtype=q.dtype)

@@ -1,0 +1,187 @@
+"""The Mix-FFN's middle, fused: bias + SiLU of the expanded activations, depthwise 3x3 conv (+ bias) and GLU gate.
+
+On channels-last tokens [I, H, W, 2C] (I = B*F images, the output of the 1x1 expansion as a GEMM, without its
+bias) the reference is four passes over a tensor five times wider than the model (silu, depthwise conv, chunk,
+gate); the kernel is one: it reads the GEMM output once (the 3x3 neighbourhood comes from cache) and writes the
+gated [I, H, W, C] the 1x1 projection reads.
+
+Each program owns a strip of rows x a tile of columns x a tile of channels and walks the strip's input rows once,
+keeping three pending output rows per half in registers: an input row adds its three vertical taps to the outputs
+above, at and below it, so every input element is activated three times (once per horizontal shift), not nine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import interpreting, resolve_impl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def dwconv_glu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         in_bias: torch.Tensor | None = None, activate_input: bool = True) -> torch.Tensor:
+    """x [I, H, W, 2C] -> [I, H, W, C]: a * silu(g) with (a, g) = dwconv3x3(silu(x + in_bias)) split on channels.
+
+    ``weight`` is the depthwise conv's [2C, 1, 3, 3], ``bias`` its [2C]; ``in_bias`` [2C] is the 1x1 expansion's
+    bias when the GEMM ran without it. The model's own order and dtypes (GLUMBTempConv.spatial).
+    """
+    h = x.permute(0, 3, 1, 2)
+    if in_bias is not None:
+        h = h + in_bias.to(h.dtype)[:, None, None]
+    if activate_input:
+        h = F.silu(h)
+    h = F.conv2d(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype), padding=1, groups=h.shape[1])
+    a, g = h.chunk(2, dim=1)
+    return (a * F.silu(g)).permute(0, 2, 3, 1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu(x, FAST: tl.constexpr):
+        if FAST:
+            # x * sigmoid(x) = 0.5 x (1 + tanh(x / 2)): one special-function op instead of exp + reciprocal.
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+            return 0.5 * x * (1.0 + t)
+        else:
+            return x / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _act_row(x_row, offs_w, shift, mask_cw, row_ok, W, stride_w, c_off, in_b, ACT: tl.constexpr,
+                 HAS_IN_BIAS: tl.constexpr, FAST: tl.constexpr):
+        """Activated input row at columns offs_w + shift, zero outside the image (the conv's zero padding)."""
+        cols = offs_w + shift
+        ok = row_ok & (cols >= 0) & (cols < W)
+        m = ok[:, None] & mask_cw
+        v = tl.load(x_row + cols[:, None] * stride_w + c_off[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_IN_BIAS:
+            v = v + in_b[None, :]
+        if ACT:
+            v = _silu(v, FAST)
+        return tl.where(m, v, 0.0)
+
+    @triton.jit
+    def _dwconv_glu_kernel(x_ptr, w_ptr, b_ptr, ib_ptr, o_ptr,
+                           H, W, C, n_strips,
+                           stride_xi, stride_xh, stride_xw, stride_oi, stride_oh, stride_ow,
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                           ACT: tl.constexpr, HAS_IN_BIAS: tl.constexpr, FAST: tl.constexpr):
+        pid = tl.program_id(0)
+        img = pid // n_strips
+        y0 = (pid % n_strips) * ROWS
+        offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask_cw = mask_c[None, :] & (offs_w < W)[:, None]
+        ca = offs_c          # first half: the value
+        cg = offs_c + C      # second half: the gate
+        # Depthwise weights, stored [9, 2C] (tap-major): w[ky*3 + kx, channel].
+        wa0 = tl.load(w_ptr + 0 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa1 = tl.load(w_ptr + 1 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa2 = tl.load(w_ptr + 2 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa3 = tl.load(w_ptr + 3 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa4 = tl.load(w_ptr + 4 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa5 = tl.load(w_ptr + 5 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa6 = tl.load(w_ptr + 6 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa7 = tl.load(w_ptr + 7 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa8 = tl.load(w_ptr + 8 * 2 * C + ca, mask=mask_c, other=0.0)
+        wg0 = tl.load(w_ptr + 0 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg1 = tl.load(w_ptr + 1 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg2 = tl.load(w_ptr + 2 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg3 = tl.load(w_ptr + 3 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg4 = tl.load(w_ptr + 4 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg5 = tl.load(w_ptr + 5 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg6 = tl.load(w_ptr + 6 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg7 = tl.load(w_ptr + 7 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg8 = tl.load(w_ptr + 8 * 2 * C + cg, mask=mask_c, other=0.0)
+        ba = tl.load(b_ptr + ca, mask=mask_c, other=0.0)
+        bg = tl.load(b_ptr + cg, mask=mask_c, other=0.0)
+        iba = tl.zeros((BLOCK_C,), tl.float32)
+        ibg = tl.zeros((BLOCK_C,), tl.float32)
+        if HAS_IN_BIAS:
+            iba = tl.load(ib_ptr + ca, mask=mask_c, other=0.0).to(tl.float32)
+            ibg = tl.load(ib_ptr + cg, mask=mask_c, other=0.0).to(tl.float32)
+
+        # Pending outputs: row r-1 (gets its bottom taps from input row r), row r (middle), row r+1 (top).
+        a_up = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+        a_mid = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+        g_up = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+        g_mid = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+        x_img = x_ptr + img * stride_xi
+        o_img = o_ptr + img * stride_oi
+        for i in range(ROWS + 2):
+            r = y0 - 1 + i
+            row_ok = (r >= 0) & (r < H)
+            x_row = x_img + r * stride_xh
+            al = _act_row(x_row, offs_w, -1, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
+            ac = _act_row(x_row, offs_w, 0, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
+            ar = _act_row(x_row, offs_w, 1, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
+            gl = _act_row(x_row, offs_w, -1, mask_cw, row_ok, W, stride_xw, cg, ibg, ACT, HAS_IN_BIAS, FAST)
+            gc = _act_row(x_row, offs_w, 0, mask_cw, row_ok, W, stride_xw, cg, ibg, ACT, HAS_IN_BIAS, FAST)
+            gr = _act_row(x_row, offs_w, 1, mask_cw, row_ok, W, stride_xw, cg, ibg, ACT, HAS_IN_BIAS, FAST)
+            # Output row r-1 is complete once input row r added its bottom taps (ky = 2).
+            a_done = a_up + wa6[None, :] * al + wa7[None, :] * ac + wa8[None, :] * ar + ba[None, :]
+            g_done = g_up + wg6[None, :] * gl + wg7[None, :] * gc + wg8[None, :] * gr + bg[None, :]
+            out = a_done * _silu(g_done, FAST)
+            y = r - 1
+            store_ok = (i >= 2) & (y < H)
+            tl.store(o_img + y * stride_oh + offs_w[:, None] * stride_ow + offs_c[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=mask_cw & store_ok)
+            a_up = a_mid + wa3[None, :] * al + wa4[None, :] * ac + wa5[None, :] * ar
+            g_up = g_mid + wg3[None, :] * gl + wg4[None, :] * gc + wg5[None, :] * gr
+            a_mid = wa0[None, :] * al + wa1[None, :] * ac + wa2[None, :] * ar
+            g_mid = wg0[None, :] * gl + wg1[None, :] * gc + wg2[None, :] * gr
+
+
+def _dwconv_glu_triton(x, weight, bias, in_bias, activate_input: bool, rows: int = 16, block_w: int = 8,
+                       block_c: int = 128, num_warps: int = 4):
+    I, H, W, C2 = x.shape
+    C = C2 // 2
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    w = weight.reshape(C2, 9).t().float().contiguous()  # [9, 2C]
+    b = bias.float().contiguous() if bias is not None else torch.zeros(C2, device=x.device, dtype=torch.float32)
+    out = torch.empty(I, H, W, C, device=x.device, dtype=x.dtype)
+    rows = min(rows, H)
+    n_strips = triton.cdiv(H, rows)
+    grid = (I * n_strips, triton.cdiv(W, block_w), triton.cdiv(C, block_c))
+    _dwconv_glu_kernel[grid](
+        x, w, b, in_bias if in_bias is not None else b, out,
+        H, W, C, n_strips,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, ACT=activate_input, HAS_IN_BIAS=in_bias is not None,
+        FAST=not interpreting(), num_warps=num_warps,
+    )
+    return out
+
+
+def dwconv_glu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_bias: torch.Tensor | None = None,
+               activate_input: bool = True, impl: str = "auto") -> torch.Tensor:
+    """Fused ``a * silu(g)``, ``(a, g) = dwconv3x3(silu(x + in_bias)).chunk(2)``: x [I, H, W, 2C] -> [I, H, W, C].
+
+    Accumulates in fp32, rounds once to x's dtype (the reference rounds after every op in 16-bit dtypes).
+    """
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x must be [I, H, W, 2C], got {tuple(x.shape)}")
+    if resolve_impl(impl, x) == "triton":
+        return _dwconv_glu_triton(x, weight, bias, in_bias, activate_input)
+    return dwconv_glu_reference(x, weight, bias, in_bias, activate_input)
+
+
+@torch.library.custom_op("sana::dwconv_glu", mutates_args=())
+def _dwconv_glu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, in_bias: torch.Tensor | None,
+                   activate_input: bool) -> torch.Tensor:
+    return dwconv_glu(x, weight, bias, in_bias, activate_input).contiguous()
+
+
+@_dwconv_glu_op.register_fake
+def _(x, weight, bias, in_bias, activate_input):
+    I, H, W, C2 = x.shape
+    return x.new_empty(I, H, W, C2 // 2)
