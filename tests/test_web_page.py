@@ -19,6 +19,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 from conftest import ROOT, decode_mp4, wait_until
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 ARTIFACTS = ROOT / "test-artifacts"
 MODEL = "tiny-causal"
+CLIP_MODEL = "tiny"  # bidirectional: whole clips
 API_KEY = "page-test-key"
 # Long enough (11 blocks, about a second each on CPU) that the first blocks play well before the last is made.
 LIVE_FRAMES = 129
@@ -57,10 +59,11 @@ def browser():
 @pytest.fixture(scope="module")
 def site(services):
     services.defaults["SANA_MODEL"] = MODEL
-    worker = services.worker(MODEL, wait=False)  # loads while the APIs start
+    workers = [services.worker(MODEL, wait=False), services.worker(CLIP_MODEL, wait=False)]  # load meanwhile
     open_api = services.api()
     keyed_api = services.api(SANA_API_KEYS=API_KEY)
-    services.wait_worker(worker)
+    for worker in workers:
+        services.wait_worker(worker)
     return {"open": open_api, "keyed": keyed_api}
 
 
@@ -188,6 +191,23 @@ def test_video_plays_while_the_job_is_still_generating(browser, site):
     item.find_element(By.TAG_NAME, "button").click()
     replay = wait_page(browser, lambda s: s["readyState"] >= 1 and s["duration"] > 0, 30, "the finished video to load")
     assert abs(replay["duration"] - LIVE_FRAMES / FPS) < 1.5 / FPS
+
+
+def test_a_clip_model_plays_its_clip_when_done(browser, site):
+    open_page(browser, site["open"])
+    Select(browser.find_element(By.ID, "model")).select_by_value(CLIP_MODEL)
+    modes = js(browser, "return [...document.querySelectorAll('input[name=mode]')]"
+                        ".map((r) => [r.value, r.checked, r.disabled])")
+    assert sorted(modes) == [["clip", True, False], ["stream", False, True]]
+    assert "bidirectional" in browser.find_element(By.ID, "limits").text
+    fill(browser, prompt="a white cat sleeping", frames=33)
+    browser.find_element(By.ID, "submit").click()
+    state = wait_page(browser, lambda s: s["ended"], 90, "the clip to play to its end")
+    assert state["status"] == "succeeded" and state["progress"] == 1
+    assert abs(state["bufferedEnd"] - 33 / FPS) < 1.5 / FPS
+    job = httpx.get(f"{site['open']}/jobs/{state['jobId']}").json()
+    assert job["model"] == CLIP_MODEL and job["params"]["mode"] == "clip"
+    assert state["chunks"] == job["chunks"] >= 1
 
 
 def test_cancel_button_stops_a_running_job(browser, site):

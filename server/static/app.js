@@ -617,10 +617,13 @@ function applyModelDefaults() {
   for (const field of ["width", "height", "frames", "fps", "steps", "guidance_scale"]) {
     if (defaults[field] != null) $(field).value = defaults[field];
   }
-  if (defaults.mode) {
-    for (const radio of document.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === defaults.mode;
-  }
   const limits = model.limits || {};
+  // A block-causal model streams and a bidirectional one makes clips: offer only what the model does.
+  const only = limits.mode || null;
+  for (const radio of document.querySelectorAll('input[name="mode"]')) {
+    radio.disabled = only !== null && radio.value !== only;
+    if (defaults.mode || only) radio.checked = radio.value === (defaults.mode || only);
+  }
   const hints = [];
   if (limits.frames && limits.frames.max) hints.push(`frames 4k+1 up to ${limits.frames.max}`);
   if (limits.max_pixels) hints.push(`up to ${limits.max_pixels.toLocaleString()} pixels per frame`);
