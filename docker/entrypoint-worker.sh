@@ -3,6 +3,15 @@
 # The compose file reserves one GPU per worker service, so inside the container it is always cuda:0.
 # SANA_WORKER_ENGINE names a TensorRT engine folder built on this GPU (`sana-video build-engine`), if any.
 set -eu
+
+# NVIDIA's base images prepare the CUDA environment in their own entrypoint (driver checks, forward
+# compatibility libraries): pass through it once, then come back here.
+NVIDIA_ENTRYPOINT=${NVIDIA_ENTRYPOINT:-/opt/nvidia/nvidia_entrypoint.sh}
+if [ -x "$NVIDIA_ENTRYPOINT" ] && [ -z "${SANA_NVIDIA_ENTRYPOINT_DONE:-}" ]; then
+  export SANA_NVIDIA_ENTRYPOINT_DONE=1
+  exec "$NVIDIA_ENTRYPOINT" "$0" "$@"
+fi
+
 if [ "$#" -gt 0 ]; then
   exec "$@"
 fi

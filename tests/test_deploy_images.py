@@ -141,6 +141,16 @@ def test_worker_entrypoint_runs_the_worker_command_from_the_environment(tmp_path
     out = subprocess.run(["sh", str(ROOT / "docker" / "entrypoint-worker.sh")], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[-2:] == ["--engine", "/data/engines/480p-nvfp4"]
+
+    # Under an NVIDIA base image the command passes through NVIDIA's entrypoint first, exactly once.
+    nvidia = tmp_path / "nvidia_entrypoint.sh"
+    nvidia.write_text('#!/bin/sh\necho nvidia-entrypoint\nexec "$@"\n')
+    nvidia.chmod(0o755)
+    env["NVIDIA_ENTRYPOINT"] = str(nvidia)
+    out = subprocess.run(["sh", str(ROOT / "docker" / "entrypoint-worker.sh")], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "nvidia-entrypoint" and out[1:4] == ["worker", "--model", "sana-video-480p-longlive"]
+    assert out.count("nvidia-entrypoint") == 1
     env.pop("SANA_MODEL")
     failed = subprocess.run(["sh", str(ROOT / "docker" / "entrypoint-worker.sh")], env=env,
                             capture_output=True, text=True)
