@@ -1,0 +1,121 @@
+"""`sana-video generate`: real MP4 files decoded by PyAV; bad input exits 2 and writes nothing."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.video import probe, read_video
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_generate_tiny_writes_33_frame_64x64_mp4(tmp_path):
+    out = tmp_path / "x.mp4"
+    proc = cli("generate", "--model", "tiny", "--prompt", "a red circle", "--frames", "33", "--width", "64",
+               "--height", "64", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    info = probe(out)
+    assert (info["frames"], info["width"], info["height"]) == (33, 64, 64)
+    assert info["codec"] == "h264"
+    assert read_video(out).shape == (33, 64, 64, 3)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_same_seed_same_frames_other_seed_different(tmp_path):
+    paths = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        paths[name] = tmp_path / f"{name}.mp4"
+        result = runner.invoke(app, ["generate", "--model", "tiny-causal", "--prompt", "a blue square", "--frames", "17",
+                                     "--seed", str(seed), "--out", str(paths[name]), "--quiet"])
+        assert result.exit_code == 0, result.output
+    a, b, c = (read_video(paths[k]) for k in "abc")
+    assert a.shape == (17, 64, 64, 3)
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1.0
+
+
+@pytest.fixture(scope="module")
+def mismatched_checkpoint(tmp_path_factory):
+    from engine.pipeline import VideoPipeline
+
+    folder = tmp_path_factory.mktemp("bad") / "pipe"
+    VideoPipeline.from_pretrained("tiny").save_pretrained(folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config["num_layers"] = 5
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frames", "32"], "frames: 32 is not 4k+1"),
+        (["--width", "70"], "width: 70 is not a positive multiple of 16"),
+        (["--height", "0"], "height"),
+        (["--prompt", "  "], "prompt: must not be empty"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on CPU"),
+        (["--dtype", "int4"], "unknown dtype"),
+        (["--mode", "stream"], "cannot stream"),
+        (["--steps", "0"], "steps"),
+    ],
+)
+def test_bad_input_exit_2_and_no_file(tmp_path, args, message):
+    out = tmp_path / "v.mp4"
+    base = {"--prompt": "a cat", "--model": "tiny"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    flat = [x for kv in base.items() for x in kv]
+    result = runner.invoke(app, ["generate", *flat, "--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_mismatch_exit_2(tmp_path, mismatched_checkpoint):
+    out = tmp_path / "v.mp4"
+    result = runner.invoke(app, ["generate", "--model", str(mismatched_checkpoint), "--prompt", "a", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "missing keys" in result.output and str(mismatched_checkpoint) in result.output
+    assert not out.exists()
+
+
+def test_out_folder_missing_exit_2(tmp_path):
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--out", str(tmp_path / "nope" / "v.mp4")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_unknown_option_exit_2():
+    result = runner.invoke(app, ["generate", "--prompt", "a", "--frobnicate", "1"])
+    assert result.exit_code == 2
+
+
+PEAK_RSS = (
+    "import resource, subprocess, sys; "
+    "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr)"
+)
+
+
+@pytest.mark.slow
+def test_stream_memory_801_frames_within_10_percent_of_81(tmp_path):
+    peaks = {}
+    for frames in (81, 801):
+        out = tmp_path / f"s{frames}.mp4"
+        cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "engine.cli", "generate", "--model", "tiny-causal",
+               "--prompt", "a red ball bouncing", "--frames", str(frames), "--steps", "1", "--out", str(out), "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        code, peak_kib = proc.stdout.split()
+        assert code == "0", proc.stderr
+        peaks[frames] = int(peak_kib)
+        assert probe(out)["frames"] == frames
+    assert peaks[801] <= 1.10 * peaks[81], peaks

@@ -1,0 +1,147 @@
+"""Pipelines on the tiny presets: determinism, progress, cancellation, chunking, validation, block-wise VAE."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import GenerationCancelled, InvalidParams
+from engine.pipeline import VideoPipeline, frames_of_blocks, stream_blocks
+from engine.types import GenerationParams
+from engine.vae import StreamingDecoder, decode_whole
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return VideoPipeline.from_pretrained("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return VideoPipeline.from_pretrained("tiny-causal", device="cpu")
+
+
+def video(pipe, **kw):
+    params = pipe.resolve(GenerationParams(prompt=kw.pop("prompt", "a red circle moving left"), **kw))
+    chunks = list(pipe.generate(params))
+    return chunks, np.concatenate([c.frames for c in chunks])
+
+
+def test_blocks_first_absorbs_remainder():
+    assert stream_blocks(21, 10) == [11, 10]
+    assert stream_blocks(9, 3) == [3, 3, 3]
+    assert stream_blocks(2, 10) == [2]
+    assert frames_of_blocks([11, 10]) == [41, 40]  # 81 frames
+
+
+@pytest.mark.parametrize("fixture", ["clip", "stream"])
+def test_seed_determinism(fixture, request):
+    pipe = request.getfixturevalue(fixture)
+    _, a = video(pipe, seed=7, frames=17)
+    _, b = video(pipe, seed=7, frames=17)
+    _, c = video(pipe, seed=8, frames=17)
+    assert a.shape == (17, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1.0
+
+
+def test_prompt_changes_video(stream):
+    _, a = video(stream, prompt="a red circle", seed=1, frames=9)
+    _, b = video(stream, prompt="a blue square", seed=1, frames=9)
+    assert not np.array_equal(a, b)
+
+
+def test_stream_chunks_and_progress(stream):
+    events = []
+    params = stream.resolve(GenerationParams(prompt="a cat", frames=33, seed=3))
+    plan = stream.plan(params)
+    chunks = list(stream.generate(params, on_progress=events.append))
+    assert plan == {"blocks_total": 3, "steps_per_block": 3, "frames_total": 33}
+    assert [c.num_frames for c in chunks] == [9, 12, 12]
+    assert [c.start_frame for c in chunks] == [0, 9, 21]
+    assert len(events) == 3 * 3
+    assert events[-1].fraction == 1.0 and events[-1].frames_done == 33
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions)
+    assert stream.last_state_bytes > 0
+
+
+def test_clip_progress_and_chunks(clip):
+    events = []
+    params = clip.resolve(GenerationParams(prompt="a dog", frames=33, steps=3))
+    chunks = list(clip.generate(params, on_progress=events.append))
+    assert sum(c.num_frames for c in chunks) == 33 and len(chunks) == 3
+    assert [e.step for e in events[:3]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("fixture", ["clip", "stream"])
+def test_cancel_between_steps(fixture, request):
+    pipe = request.getfixturevalue(fixture)
+    calls = {"n": 0}
+
+    def should_cancel():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    params = pipe.resolve(GenerationParams(prompt="x", frames=33))
+    with pytest.raises(GenerationCancelled):
+        list(pipe.generate(params, should_cancel=should_cancel))
+    assert calls["n"] == 3
+
+
+def test_stream_memory_is_flat_in_length(stream):
+    """The state allocated for a stream is the same for 1 and for 5 blocks."""
+    sizes = []
+    for frames in (9, 9 + 12 * 4):
+        list(stream.generate(stream.resolve(GenerationParams(prompt="a", frames=frames, steps=1))))
+        sizes.append(stream.last_state_bytes)
+    assert sizes[0] == sizes[1] > 0
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"frames": 32}, "frames"),
+        ({"frames": 0}, "frames"),
+        ({"frames": 100001}, "frames"),
+        ({"width": 70}, "width"),
+        ({"height": 8}, "height"),
+        ({"width": 1024, "height": 1024}, "width"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 4001}, "prompt"),
+        ({"steps": 0}, "steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"fps": 0}, "fps"),
+        ({"seed": -1}, "seed"),
+        ({"mode": "stream"}, "mode"),
+        ({"mode": "movie"}, "mode"),
+    ],
+)
+def test_invalid_params(clip, fields, field):
+    kw = {"prompt": "ok", **fields}
+    with pytest.raises(InvalidParams) as err:
+        clip.resolve(GenerationParams(**kw))
+    assert err.value.field == field and err.value.accepted
+
+
+def test_causal_model_rejects_clip(stream):
+    with pytest.raises(InvalidParams, match="mode"):
+        stream.resolve(GenerationParams(prompt="a", mode="clip"))
+
+
+def test_blockwise_vae_decode_equals_whole(clip):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 16, 7, 8, 8, generator=g)
+    whole = decode_whole(clip.vae, z)
+    decoder = StreamingDecoder(clip.vae)
+    parts = [decoder.decode_block(z[:, :, s:e]) for s, e in ((0, 3), (3, 5), (5, 7))]
+    assert [p.shape[2] for p in parts] == [9, 8, 8]
+    assert torch.allclose(torch.cat(parts, 2), whole, atol=1e-5, rtol=0)
+
+
+def test_save_and_reload_pipeline(tmp_path, stream):
+    stream.save_pretrained(tmp_path / "pipe")
+    again = VideoPipeline.from_pretrained(str(tmp_path / "pipe"), device="cpu")
+    assert again.causal and again.preset.width == 64 and again.preset.block_latent_frames == 3
+    _, a = video(stream, seed=2, frames=9)
+    _, b = video(again, seed=2, frames=9)
+    assert np.array_equal(a, b)
