@@ -39,6 +39,7 @@ class FastSettings:
     fp8: bool = False          # scaled FP8 GEMMs for the block linears
     compile: bool = True       # regional torch.compile of each block's math
     compile_mode: str | None = None
+    compile_backend: str = "inductor"
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool) -> nn.Module:
@@ -217,25 +218,32 @@ class FastBlock(nn.Module):
 
 
 def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = False, compile: bool = True,
-             compile_mode: str | None = None) -> SanaVideoTransformer:
+             compile_mode: str | None = None, compile_backend: str = "inductor") -> SanaVideoTransformer:
     """Make ``model`` fast in place and return it. Call after loading weights and moving to the device/dtype.
 
     ``kernels``: Triton kernels on CUDA (their PyTorch references elsewhere or when False). ``fp8``: scaled FP8
     GEMMs (needs an FP8 GPU, e.g. H100, for speed; runs anywhere ``torch._scaled_mm`` does). ``compile``: compile
-    each block's math once per input shape (``dynamic=False``: one specialised graph per resolution bucket).
+    each block's math once per input shape (``dynamic=False``: one specialised graph per resolution bucket);
+    ``compile_mode``/``compile_backend`` go to ``torch.compile``.
     """
     for i, block in enumerate(model.transformer_blocks):
         if isinstance(block, TransformerBlock):
             model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels)
     if compile:
-        import torch._dynamo
-
-        # One graph per resolution bucket x (clip, stream, commit) variant; leave room for several buckets.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for block in model.transformer_blocks:
-            block.core.compile(dynamic=False, mode=compile_mode)
-    model.fast_settings = FastSettings(kernels=kernels, fp8=fp8, compile=compile, compile_mode=compile_mode)
+        compile_blocks(model, mode=compile_mode, backend=compile_backend)
+    model.fast_settings = FastSettings(kernels=kernels, fp8=fp8, compile=compile, compile_mode=compile_mode,
+                                       compile_backend=compile_backend)
     return model
+
+
+def compile_blocks(model: SanaVideoTransformer, mode: str | None = None, backend: str = "inductor") -> None:
+    """Regional compilation: every FastBlock's core compiled; the blocks share one graph per input signature."""
+    import torch._dynamo
+
+    # One graph per resolution bucket x (clip, stream) variant; leave room for several buckets.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for block in model.transformer_blocks:
+        block.core.compile(dynamic=False, mode=mode, backend=backend)
 
 
 class GraphedTransformer:

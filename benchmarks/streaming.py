@@ -1,0 +1,187 @@
+"""Streaming run: the block-causal (LongLive) model at 480p through the real pipeline (VideoPipeline.generate in
+stream mode): blocks of 10 latent frames, 4 denoising steps + 1 commit forward each, Wan VAE decode of every
+block with its cache kept, frames copied to the host as the server would.
+
+Reports generated frames/s (whole run and steady state), time to the first frames (text encoding included), per-block
+latency p50/p99 split into transformer and the rest (VAE decode, host copy), and GPU memory after every block
+(flat: the state is allocated once).
+
+    python -m benchmarks.streaming --blocks 20 --out benchmarks/results
+    python -m benchmarks.streaming --smoke --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import Budget, Results, TimedModule, build_pipeline, free_memory, now, percentile, run_case
+
+PROMPT = "a red ball bouncing slowly on a wooden table in the sun, motion score: 30."
+
+
+def stream_once(pipe, blocks: int, block_latent: int, budget: Budget | None, reserve_s: float = 0.0) -> dict:
+    """Generate ``blocks`` blocks; per-block timings and memory. Stops early when the budget runs out."""
+    from engine.types import GenerationParams
+
+    latent = blocks * block_latent
+    frames = (latent - 1) * 4 + 1
+    timer = pipe.transformer
+    cuda = pipe.device.type == "cuda"
+    rows = []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t_start = t_prev = now()
+    stopped_early = False
+    gen = pipe.generate(GenerationParams(prompt=PROMPT, frames=frames, seed=0))
+    for chunk in gen:
+        t = now()
+        dit = timer.take() if isinstance(timer, TimedModule) else []
+        row = {"block": chunk.index, "frames": chunk.num_frames, "t_s": round(t - t_start, 4),
+               "latency_s": round(t - t_prev, 4), "transformer_s": round(sum(dit), 4), "forwards": len(dit)}
+        if cuda:
+            row["allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 4)
+            row["reserved_gib"] = round(torch.cuda.memory_reserved() / 2**30, 4)
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 4)
+            torch.cuda.reset_peak_memory_stats()
+        rows.append(row)
+        t_prev = t
+        if budget is not None and not budget.allows(reserve_s + 2 * row["latency_s"]):
+            stopped_early = True
+            gen.close()
+            break
+    return summarize_blocks(rows, blocks, stopped_early, pipe.last_state_bytes)
+
+
+def summarize_blocks(rows: list[dict], blocks_requested: int, stopped_early: bool, state_bytes: int) -> dict:
+    out = {"blocks_requested": blocks_requested, "blocks_done": len(rows), "stopped_early": stopped_early,
+           "state_mib": round(state_bytes / 2**20, 2), "blocks": rows}
+    if not rows:
+        return out
+    total_frames = sum(r["frames"] for r in rows)
+    out["frames"] = total_frames
+    out["first_frames_s"] = rows[0]["t_s"]
+    out["total_s"] = rows[-1]["t_s"]
+    out["fps"] = round(total_frames / rows[-1]["t_s"], 2)
+    later = rows[1:]
+    if later:
+        steady_t = rows[-1]["t_s"] - rows[0]["t_s"]
+        out["steady_fps"] = round(sum(r["frames"] for r in later) / steady_t, 2)
+        lat = [r["latency_s"] for r in later]
+        out["block_latency_p50_s"] = round(percentile(lat, 0.5), 4)
+        out["block_latency_p99_s"] = round(percentile(lat, 0.99), 4)
+        dit = [r["transformer_s"] for r in later]
+        out["transformer_per_block_p50_s"] = round(percentile(dit, 0.5), 4)
+        out["rest_per_block_p50_s"] = round(percentile([a - b for a, b in zip(lat, dit)], 0.5), 4)
+        if "allocated_gib" in rows[1]:
+            a2, an = rows[1]["allocated_gib"], rows[-1]["allocated_gib"]
+            p2, pn = rows[1]["peak_gib"], rows[-1]["peak_gib"]
+            out["memory_block2_gib"], out["memory_last_gib"] = a2, an
+            out["memory_drift"] = round(abs(an - a2) / a2, 5) if a2 else None
+            out["peak_drift"] = round(abs(pn - p2) / p2, 5) if p2 else None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=20)
+    p.add_argument("--reference-blocks", type=int, default=3, help="blocks of the unoptimized model (0: skip)")
+    p.add_argument("--fp8", action="store_true", help="also stream with the FP8 transformer")
+    p.add_argument("--no-cudnn-benchmark", action="store_true")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--deadline", type=float, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny preset on CPU: checks the code path, not speed")
+    args = p.parse_args(argv)
+
+    from engine.fast import optimize
+
+    smoke = args.smoke
+    device = "cpu" if smoke else "cuda"
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run with --smoke on CPU")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
+    blocks = 3 if smoke else args.blocks
+    if not smoke and not args.no_cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # the VAE's convs: one algorithm search per shape, in the warm-up
+    backend = "eager" if smoke else "inductor"
+
+    pipe = build_pipeline(causal=True, device=device, dtype=dtype, smoke=smoke)
+    block_latent = pipe.preset.block_latent_frames
+    results = Results(Path(args.out) / f"streaming_{'smoke' if smoke else '480p'}.json", config={
+        "model": "block-causal (LongLive layout), random weights", "height": pipe.preset.height,
+        "width": pipe.preset.width, "block_latent_frames": block_latent,
+        "steps_per_block": len(pipe.preset.stream_timesteps), "commit_forward": True,
+        "guidance_scale": pipe.preset.stream_guidance_scale, "blocks": blocks, "dtype": str(dtype),
+        "vae": "AutoencoderKLWan() defaults, random, decode of every block with the cache kept",
+        "text_encoder": "Gemma2Config() defaults, random, word-level tokenizer",
+        "cudnn_benchmark": torch.backends.cudnn.benchmark, "smoke": smoke,
+        "targets": {"fps": ">= 40", "first_frames_s": "<= 1.5", "memory_drift": "<= 0.01 (block 2 to last)"},
+    })
+    print(f"== streaming: {blocks} blocks of {block_latent} latent frames, budget {budget.left():.0f}s", flush=True)
+    reference = pipe.transformer
+
+    def fast_case(fp8: bool):
+        def run():
+            model = optimize(_clone(reference), fp8=fp8, compile=True, compile_backend=backend)
+            pipe.transformer = TimedModule(model)
+            t0 = now()
+            stream_once(pipe, 1, block_latent, None)  # compile + cudnn algorithm search, outside the numbers
+            warm = now() - t0
+            row = stream_once(pipe, blocks, block_latent, budget, reserve_s=5)
+            row["warmup_s"] = round(warm, 2)
+            pipe.transformer = reference
+            return row
+        return run
+
+    run_case(results, "fast_bf16", fast_case(False), budget, needs_s=90)
+    if args.fp8:
+        run_case(results, "fast_fp8", fast_case(True), budget, needs_s=90)
+    if args.reference_blocks:
+        def run_reference():
+            pipe.transformer = TimedModule(reference)
+            row = stream_once(pipe, args.reference_blocks, block_latent, budget)
+            pipe.transformer = reference
+            return row
+        run_case(results, "reference_eager", run_reference, budget, needs_s=15)
+    free_memory()
+
+    fast = results.case("fast_bf16") or {}
+    targets = {}
+    if fast.get("status") == "ok":
+        if "fps" in fast:
+            targets["fps"] = {"target": ">= 40", "measured": fast["fps"], "steady": fast.get("steady_fps"),
+                              "met": fast["fps"] >= 40}
+            targets["first_frames_s"] = {"target": "<= 1.5", "measured": fast["first_frames_s"],
+                                         "met": fast["first_frames_s"] <= 1.5}
+        if fast.get("memory_drift") is not None:
+            targets["memory_flat"] = {"target": "<= 0.01", "measured": fast["memory_drift"],
+                                      "blocks": fast["blocks_done"], "met": fast["memory_drift"] <= 0.01}
+    results.set_summary(targets=targets)
+    print_report(results)
+    return 0
+
+
+def _clone(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def print_report(results: Results) -> None:
+    print(f"\n== {results.path.name} on {results.doc['environment'].get('gpu')} ==")
+    keys = ["blocks_done", "fps", "steady_fps", "first_frames_s", "block_latency_p50_s", "block_latency_p99_s",
+            "transformer_per_block_p50_s", "rest_per_block_p50_s", "memory_block2_gib", "memory_last_gib",
+            "memory_drift", "warmup_s"]
+    for c in results.doc["cases"]:
+        print(f"{c['name']:18s} {c.get('status')}: " + ", ".join(f"{k}={c[k]}" for k in keys if k in c))
+    for k, v in results.doc["summary"].get("targets", {}).items():
+        print(f"target {k}: {v}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

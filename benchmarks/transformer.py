@@ -1,0 +1,248 @@
+"""Transformer step side by side: diffusers' SanaVideoTransformer3DModel (eager, compiled) against ours (reference,
+fast eager, fast compiled, CUDA graphs, FP8) on identical random weights, one CFG step (batch 2).
+
+Reports s/step, speedup over diffusers + torch.compile measured in the same run, achieved TFLOP/s and MFU, peak
+memory, and the relative error of every output against the fp32 reference (ours in fp32, TF32 off; diffusers fp32
+is checked against it too), and FP8 against bf16.
+
+    python -m benchmarks.transformer --resolution 480p --out benchmarks/results
+    python -m benchmarks.transformer --smoke --out /tmp/bench      # tiny model on CPU, same code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    ANCHORS,
+    H100_PEAK_TFLOPS,
+    Budget,
+    Results,
+    build_pair,
+    clone_as,
+    compile_diffusers_blocks,
+    free_memory,
+    peak_memory,
+    rel_err,
+    run_case,
+    time_calls,
+    transformer_flops,
+    transformer_inputs,
+    weights_gib,
+)
+
+# (latent frames, latent height, latent width): 81 frames, 8x spatial VAE.
+RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "smoke": (5, 8, 12)}
+DEFAULT_CASES = {
+    "480p": ["fp32_reference", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fp8_compiled",
+             "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph", "ours_fp8_cudagraph",
+             "diffusers_fp32"],
+    "720p": ["fp32_reference", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fp8_compiled",
+             "ours_reference_eager"],
+}
+# Rough seconds each case needs (compile included) on an H100, to skip what the budget cannot hold.
+NEEDS_S = {"fp32_reference": 20, "diffusers_eager": 10, "diffusers_compiled": 90, "ours_fast_compiled": 60,
+           "ours_fp8_compiled": 60, "ours_reference_eager": 10, "ours_fast_eager": 10, "ours_fast_cudagraph": 15,
+           "ours_fp8_cudagraph": 15, "diffusers_fp32": 20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolution", default="480p", choices=["480p", "720p"])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock seconds for this benchmark")
+    p.add_argument("--deadline", type=float, default=None, help="absolute epoch seconds to stop starting cases")
+    p.add_argument("--cases", default=None, help="comma-separated subset (default: all for the resolution)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the code path, not speed")
+    args = p.parse_args(argv)
+
+    from engine.fast import GraphedTransformer, optimize
+    from engine.presets import TINY_TRANSFORMER, TransformerConfig
+
+    smoke = args.smoke
+    device = "cuda" if not smoke else "cpu"
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run with --smoke on CPU")
+    config = dataclasses.replace(TINY_TRANSFORMER, num_layers=2) if smoke else TransformerConfig()
+    frames, lat_h, lat_w = RESOLUTIONS["smoke" if smoke else args.resolution]
+    text_len = 12 if smoke else 300
+    batch = 2
+    iters, warmup = (1, 1) if smoke else (args.iters, 1)
+    backend = "eager" if smoke else "inductor"  # smoke: dynamo tracing without code generation
+    cases = args.cases.split(",") if args.cases else DEFAULT_CASES[args.resolution]
+    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
+    _, p_h, p_w = config.patch_size
+    grid = (frames, lat_h // p_h, lat_w // p_w)
+    flops = transformer_flops(config, batch, *grid, text_len)
+    name = f"transformer_{'smoke' if smoke else args.resolution}"
+    results = Results(Path(args.out) / f"{name}.json", config={
+        "resolution": args.resolution, "latents": [batch, config.in_channels, frames, lat_h, lat_w],
+        "tokens_per_sample": flops["tokens_per_sample"], "text_len": text_len, "cfg_batch": batch,
+        "dtype": "bfloat16", "iters": iters, "warmup": warmup, "matmul_flop_per_step": flops["matmul_flop"],
+        "weights": "random (diffusers init, seed 0), identical in every model", "smoke": smoke,
+        "compile": "regional: every transformer block compiled (dynamic=False), blocks share one graph",
+        "transformer_config": config.to_dict(), "anchors": ANCHORS.get(args.resolution),
+    })
+    print(f"== {name}: tokens/sample {flops['tokens_per_sample']}, {flops['matmul_flop'] / 1e12:.1f} TFLOP/step, "
+          f"budget {budget.left():.0f}s", flush=True)
+
+    x, text, t, mask = transformer_inputs(config, batch, frames, lat_h, lat_w, text_len, device, torch.float32)
+    diffusers_model, ours = build_pair(config, device)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def timed(name, fn, model, *, precision="bf16", compare_to=("fp32_reference",), extra=None):
+        def run():
+            with torch.inference_mode(), peak_memory(device) as mem:
+                timing = time_calls(fn, iters=iters, warmup=warmup if "compiled" not in name else 2, device=device)
+            out = timing.pop("output")
+            outputs[name] = out.detach().float()
+            step = timing["median_s"]
+            tflops = flops["matmul_flop"] / step / 1e12
+            row = {"s_per_step": step, **timing, **mem, "weights_gib": weights_gib(model),
+                   "tflops": round(tflops, 1), "mfu": round(tflops / H100_PEAK_TFLOPS[precision], 3),
+                   "mfu_basis": f"H100 SXM dense {precision} {H100_PEAK_TFLOPS[precision]} TFLOP/s"}
+            for ref in compare_to:
+                if ref in outputs:
+                    row[f"rel_err_vs_{ref}"] = rel_err(outputs[name], outputs[ref])
+            row.update(extra or {})
+            return row
+        return run
+
+    bf = torch.bfloat16
+    xb, textb = x.to(bf), text.to(bf)
+
+    # fp32 reference first: every error below is measured against it.
+    if "fp32_reference" in cases or "diffusers_fp32" in cases:
+        def fp32_reference():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            with torch.inference_mode():
+                timing = time_calls(lambda: ours(x, text, t, mask), iters=1, warmup=0, device=device)
+            outputs["fp32_reference"] = timing.pop("output").float()
+            return {"s_per_step": timing["median_s"], "note": "ours, fp32, TF32 off"}
+        run_case(results, "fp32_reference", fp32_reference, budget, NEEDS_S["fp32_reference"])
+    if "diffusers_fp32" in cases:
+        # Same weights in diffusers' fp32 model: the two implementations agree on the GPU too.
+        def diffusers_fp32():
+            with torch.inference_mode():
+                out = diffusers_model(x, text, t, encoder_attention_mask=mask, return_dict=False)[0]
+            return {"rel_err_vs_fp32_reference": rel_err(out, outputs["fp32_reference"])}
+        run_case(results, "diffusers_fp32", diffusers_fp32, budget, NEEDS_S["diffusers_fp32"])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    diffusers_model.to(bf)
+    ours = ours.to(bf)
+    free_memory()
+
+    def diffusers_call():
+        return diffusers_model(xb, textb, t, encoder_attention_mask=mask, return_dict=False)[0]
+
+    if "diffusers_eager" in cases:
+        run_case(results, "diffusers_eager", timed("diffusers_eager", diffusers_call, diffusers_model), budget,
+                 NEEDS_S["diffusers_eager"])
+    if "diffusers_compiled" in cases:
+        compile_diffusers_blocks(diffusers_model, backend=backend)
+        run_case(results, "diffusers_compiled", timed("diffusers_compiled", diffusers_call, diffusers_model), budget,
+                 NEEDS_S["diffusers_compiled"])
+    del diffusers_model
+    free_memory()
+
+    fast = None
+    if "ours_fast_compiled" in cases or "ours_fast_cudagraph" in cases:
+        fast = optimize(clone_as(ours, bf), compile=True, compile_backend=backend)
+        run_case(results, "ours_fast_compiled",
+                 timed("ours_fast_compiled", lambda: fast(xb, textb, t, mask), fast), budget,
+                 NEEDS_S["ours_fast_compiled"])
+    fp8 = None
+    if "ours_fp8_compiled" in cases or "ours_fp8_cudagraph" in cases:
+        fp8 = optimize(clone_as(ours, bf), fp8=True, compile=True, compile_backend=backend)
+        run_case(results, "ours_fp8_compiled",
+                 timed("ours_fp8_compiled", lambda: fp8(xb, textb, t, mask), fp8, precision="fp8",
+                       compare_to=("fp32_reference", "ours_fast_compiled")), budget, NEEDS_S["ours_fp8_compiled"])
+    if "ours_reference_eager" in cases:
+        run_case(results, "ours_reference_eager",
+                 timed("ours_reference_eager", lambda: ours(xb, textb, t, mask), ours), budget,
+                 NEEDS_S["ours_reference_eager"])
+    if "ours_fast_eager" in cases:
+        eager = optimize(clone_as(ours, bf), compile=False)
+        run_case(results, "ours_fast_eager", timed("ours_fast_eager", lambda: eager(xb, textb, t, mask), eager),
+                 budget, NEEDS_S["ours_fast_eager"], note="Triton kernels, no torch.compile")
+        del eager
+    if not smoke:  # CUDA graphs need CUDA
+        if "ours_fast_cudagraph" in cases and fast is not None:
+            graphed = GraphedTransformer(fast)
+            run_case(results, "ours_fast_cudagraph",
+                     timed("ours_fast_cudagraph", lambda: graphed(xb, textb, t, mask), fast), budget,
+                     NEEDS_S["ours_fast_cudagraph"])
+            del graphed
+        if "ours_fp8_cudagraph" in cases and fp8 is not None:
+            graphed = GraphedTransformer(fp8)
+            run_case(results, "ours_fp8_cudagraph",
+                     timed("ours_fp8_cudagraph", lambda: graphed(xb, textb, t, mask), fp8, precision="fp8",
+                           compare_to=("fp32_reference", "ours_fast_compiled")), budget,
+                     NEEDS_S["ours_fp8_cudagraph"])
+            del graphed
+
+    summarize(results, args.resolution if not smoke else "smoke")
+    print_report(results)
+    return 0
+
+
+def summarize(results: Results, resolution: str) -> None:
+    """Speedups against diffusers compiled (else eager) measured in this run, and the issue's targets."""
+    def step(name):
+        c = results.case(name)
+        return c.get("s_per_step") if c and c.get("status") == "ok" else None
+
+    base_c, base_e = step("diffusers_compiled"), step("diffusers_eager")
+    for c in results.doc["cases"]:
+        s = c.get("s_per_step")
+        if c.get("status") == "ok" and s and c["name"] != "fp32_reference":
+            if base_c:
+                c["speedup_vs_diffusers_compiled"] = round(base_c / s, 3)
+            if base_e:
+                c["speedup_vs_diffusers_eager"] = round(base_e / s, 3)
+    best_bf16 = min((v for v in (step("ours_fast_compiled"), step("ours_fast_cudagraph")) if v), default=None)
+    best_fp8 = min((v for v in (step("ours_fp8_compiled"), step("ours_fp8_cudagraph")) if v), default=None)
+    targets = {}
+    if base_c and best_bf16:
+        targets["bf16_speedup_vs_diffusers_compiled"] = {"target": ">= 1.6", "measured": round(base_c / best_bf16, 3),
+                                                         "met": base_c / best_bf16 >= 1.6}
+    if base_c and best_fp8:
+        targets["fp8_speedup_vs_diffusers_compiled"] = {"target": ">= 2.5", "measured": round(base_c / best_fp8, 3),
+                                                        "met": base_c / best_fp8 >= 2.5}
+    fast = results.case("ours_fast_compiled")
+    if fast and "rel_err_vs_fp32_reference" in fast:
+        e = fast["rel_err_vs_fp32_reference"]
+        targets["bf16_rel_err_vs_fp32"] = {"target": "<= 0.01", "measured": e, "met": e <= 0.01}
+    fp8 = results.case("ours_fp8_compiled")
+    if fp8 and "rel_err_vs_ours_fast_compiled" in fp8:
+        targets["fp8_rel_err_vs_bf16"] = {"target": "reported", "measured": fp8["rel_err_vs_ours_fast_compiled"]}
+    results.set_summary(resolution=resolution, best_bf16_s_per_step=best_bf16, best_fp8_s_per_step=best_fp8,
+                        diffusers_compiled_s_per_step=base_c, diffusers_eager_s_per_step=base_e, targets=targets)
+
+
+def print_report(results: Results) -> None:
+    doc = results.doc
+    print(f"\n== {results.path.name} on {doc['environment'].get('gpu')} ==")
+    print(f"{'case':28s} {'status':8s} {'s/step':>8s} {'x comp':>7s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak+GiB':>8s} "
+          f"{'err/fp32':>9s}")
+    for c in doc["cases"]:
+        s = c.get("s_per_step")
+        s = "" if s is None else f"{s:.4f}"
+        print(f"{c['name']:28s} {c.get('status', ''):8s} {s:>8} "
+              f"{c.get('speedup_vs_diffusers_compiled', ''):>7} {c.get('tflops', ''):>8} {c.get('mfu', ''):>6} "
+              f"{c.get('peak_extra_gib', ''):>8} "
+              f"{'' if 'rel_err_vs_fp32_reference' not in c else format(c['rel_err_vs_fp32_reference'], '.2e'):>9}")
+    for k, v in doc["summary"].get("targets", {}).items():
+        print(f"target {k}: {v}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
