@@ -63,6 +63,7 @@ def job_view(r: redis.Redis, record: dict[str, Any]) -> JobView:
         error=record.get("error") if status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
         params=record.get("params") or {},
         attempt=record.get("attempt", 0),
+        requeued=record.get("requeued"),
         created_at=record["created_at"],
         started_at=record.get("started_at"),
         finished_at=record.get("finished_at"),

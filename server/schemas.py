@@ -30,7 +30,8 @@ def _frames_4k1(value: int | None) -> int | None:
 class GenerateRequest(BaseModel):
     """POST /generate. Unset fields take the model's defaults (see GET /models)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    # strict: JSON numbers only (no "5", no true for 1), as the schema says.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"prompt": "a red ball bouncing on a wooden floor", "frames": 33, "width": 64, "height": 64}]
     })
 
@@ -122,6 +123,7 @@ class JobView(BaseModel):
     error: JobError | None = None
     params: dict[str, Any]
     attempt: int = Field(0, description="1 on the first worker; 2 after a lost worker's job was re-queued.")
+    requeued: str | None = Field(None, description="Why the job was re-queued, if it was.")
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
@@ -170,7 +172,7 @@ _SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
 class VideoCreateRequest(BaseModel):
     """POST /v1/videos: OpenAI's video fields (``seconds``, ``size``) plus any of /generate's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, min_length=1, max_length=200)

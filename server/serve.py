@@ -37,6 +37,8 @@ def run_serve(host: str | None = None, port: int | None = None, model: str | Non
     log.info("worker pid %d: %s", worker.pid, " ".join(cmd))
     try:
         run_api(host, port)
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled; the API has shut down cleanly by then
     finally:
         _stop(worker)
 

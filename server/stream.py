@@ -43,7 +43,7 @@ from workers.output import partial_path, video_path
 
 router = APIRouter()
 
-_READ_COUNT = 64
+_READ_COUNT = 16  # entries per read: bounds a replaying viewer's memory (chunks can be MBs)
 _BLOCK_MS = 1000
 
 

@@ -233,6 +233,13 @@ def test_stream_over_websocket_with_reconnect_and_replay(stack, services):
     video = client.get(f"/jobs/{job_id}/video").content
     assert stitched == video  # the live stream and the file are the same bytes
 
+    # Retention: the stream is bounded while the job runs and expires after it ends; so does the record.
+    r = services.redis.client()
+    assert r.xlen(f"sana:job:{job_id}:stream") <= 8
+    assert 0 < r.ttl(f"sana:job:{job_id}:stream") <= 3600
+    assert 0 < r.ttl(f"sana:job:{job_id}") <= 7 * 24 * 3600
+    r.close()
+
     # A replay of the finished job: the stream kept 8 entries, the early chunks come from the file.
     replay = read_stream(stack.url, job_id)
     assert [e["index"] for e, _ in replay if e["type"] == "chunk"] == [0, 1, 2, 3, 4]

@@ -63,7 +63,7 @@ def test_killed_worker_job_is_requeued_and_finishes_elsewhere(stack, services):
 
     job = wait_job(stack.client, job_id, timeout=120)
     assert job["status"] == "succeeded", job
-    assert job["attempt"] == 2
+    assert job["attempt"] == 2 and "re-queued" in job["requeued"] and str(first.pid) in job["requeued"]
     assert worker_pid(stack, job_id) != first.pid
     video = stack.client.get(f"/jobs/{job_id}/video").content
     assert len(decode_mp4(video)) == 129

@@ -17,6 +17,7 @@ Nothing here imports torch: the API process uses this module too.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from enum import StrEnum
 from typing import Any
@@ -143,7 +144,9 @@ def start_attempt(r: redis.Redis, job_id: str, **fields: Any) -> int | None:
 
 def publish_event(r: redis.Redis | redis.client.Pipeline, job_id: str, event: dict, data: bytes = b"",
                   maxlen: int | None = None) -> None:
-    """Append one event (and its binary payload, if any) to the job's stream, trimming old entries."""
+    """Append one event (and its binary payload, if any) to the job's stream, trimming old entries.
+    Events carry ``t``, the Unix time they were published (viewers measure their lag with it)."""
+    event = {**event, "t": event.get("t", round(time.time(), 6))}
     fields = {"type": event["type"], "attempt": event.get("attempt", 0), "event": json.dumps(event)}
     if "index" in event:
         fields["index"] = event["index"]
@@ -260,8 +263,10 @@ def _remove_from_queue(r: redis.Redis, job_id: str) -> None:
 
     try:
         Job.fetch(job_id, connection=r, serializer=JSONSerializer).cancel()
-    except (NoSuchJobError, Exception):  # already taken by a worker, which will see the cancelled record
+    except NoSuchJobError:
         pass
+    except Exception as exc:  # e.g. a worker took it meanwhile: it reads the cancelled record and skips the job
+        logging.getLogger("sana.jobs").info("job %s: not removed from its queue: %s", job_id, exc)
 
 
 # ---------------------------------------------------------------------------------------------- lost workers

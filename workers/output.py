@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ class JobOutput:
         self._file.flush()
         self.bytes += len(segment)
         self.chunks += 1
-        event = dict(chunk_event, type="chunk", attempt=self.attempt, offset=offset, bytes=len(segment))
+        event = dict(chunk_event, type="chunk", attempt=self.attempt, offset=offset, bytes=len(segment),
+                     t=round(time.time(), 6))
         with self.r.pipeline() as pipe:
             pipe.rpush(jobs.chunks_key(self.job_id), json.dumps(event))
             pipe.hset(jobs.job_key(self.job_id), mapping={"chunks": self.chunks, "bytes": self.bytes})

@@ -136,6 +136,9 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     log.info("loading %s on %s (precision %s)", model, device, precision)
     engine = tasks.load_engine(model, device, precision, name)
     pipe = engine.pipe
+    if precision in ("fp8", "nvfp4"):
+        log.warning("precision %s is recorded in this worker's registration; its pipeline computes in %s%s",
+                    precision, pipe.dtype, f" (engine file {engine_path} not loaded here)" if engine_path else "")
 
     models = list(dict.fromkeys([pipe.name, canonical_model(model)]))
     defaults = pipe.resolve(GenerationParams(prompt="defaults")).to_dict()
