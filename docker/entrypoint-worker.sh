@@ -7,8 +7,8 @@ set -eu
 # NVIDIA's base images prepare the CUDA environment in their own entrypoint (driver checks, forward
 # compatibility libraries): pass through it once, then come back here.
 NVIDIA_ENTRYPOINT=${NVIDIA_ENTRYPOINT:-/opt/nvidia/nvidia_entrypoint.sh}
-if [ -x "$NVIDIA_ENTRYPOINT" ] && [ -z "${SANA_NVIDIA_ENTRYPOINT_DONE:-}" ]; then
-  export SANA_NVIDIA_ENTRYPOINT_DONE=1
+if [ -x "$NVIDIA_ENTRYPOINT" ] && [ -z "${sana_nvidia_entrypoint_done:-}" ]; then
+  export sana_nvidia_entrypoint_done=1
   exec "$NVIDIA_ENTRYPOINT" "$0" "$@"
 fi
 

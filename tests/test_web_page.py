@@ -167,11 +167,20 @@ def test_video_plays_while_the_job_is_still_generating(browser, site):
     assert page_log(browser, "media-segment")[0]["status"] == "running"
     assert 0 < state["progress"] < 1
 
+    # A dropped websocket resumes from the next chunk: nothing is lost or played twice.
+    js(browser, "window.sanaPage.job.socket.close()")
+    wait_until(lambda: len(page_log(browser, "ws-open")) == 2, 30, what="the page to reconnect")
+    resumed_from = page_log(browser, "ws-open")[1]["from_chunk"]
+    assert resumed_from >= 1
+
     # The stream plays to its end: every frame was appended, then endOfStream.
     final = wait_page(browser, lambda s: s["ended"], 120, "the streamed video to play to its end")
     assert final["status"] == "succeeded" and final["progress"] == 1
     assert abs(final["bufferedEnd"] - LIVE_FRAMES / FPS) < 1.5 / FPS, final
     assert final["chunks"] == job["progress"]["blocks_total"]
+    indices = [e["index"] for e in page_log(browser, "media-segment")]
+    assert indices == list(range(job["progress"]["blocks_total"])), indices
+    assert len(page_log(browser, "init-segment")) == 1
     assert browser.find_element(By.ID, "job-status").text == "succeeded"
     screenshot(browser, "web-finished.png")
 

@@ -488,7 +488,9 @@ function showDownload(id) {
 
 function playFinished(id) {
   const video = $("player");
-  video.src = videoUrl(id);
+  const url = new URL(videoUrl(id), window.location.href).toString();
+  if (video.src === url) return;  // already loading or playing it
+  video.src = url;
   video.play().catch(() => { /* autoplay may need a click */ });
 }
 
