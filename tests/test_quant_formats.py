@@ -62,3 +62,23 @@ def test_fp8_reference_equals_modelopt_fake_quant():
     quantizer = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3), axis=None), amax=amax)
     torch.testing.assert_close(formats.fp8_fake_quant(x, amax), quantizer(x), rtol=0, atol=0)
     assert not torch.equal(formats.fp8_fake_quant(x, amax), x)
+
+
+def test_real_fp8_linear_equals_the_fp8_qdq_reference():
+    from torch import nn
+
+    from quantization.onnx_export import QDQLinear
+    from quantization.quantize import LayerQuant
+    from quantization.real_fp8 import FP8Linear
+
+    torch.manual_seed(3)
+    linear = nn.Linear(64, 32)
+    quant = LayerQuant("fp8", input_amax=2.5, weight_amax=float(linear.weight.abs().max()))
+    x = torch.randn(2, 5, 64) * 1.5  # 10 rows: padded to 16 for the FP8 GEMM
+    with torch.no_grad():
+        want = QDQLinear(linear, "layer", quant)(x)
+        got = FP8Linear(linear, quant)(x)
+        plain = linear(x)
+    assert got.shape == (2, 5, 32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
