@@ -1,0 +1,155 @@
+"""Kernel checks and micro-benchmarks at the 2B model's 480p shapes (one CFG step's worth of one layer).
+
+First the device's two ceilings (copy bandwidth, bf16 and FP8 matmul rate), then each fused kernel against its
+PyTorch reference on the same random bf16 inputs: relative error (the reference computed in fp32), median time,
+and achieved GB/s over the bytes the kernel must move (each input read once, each output written once).
+
+    python -m benchmarks.kernels --out benchmarks/results
+    python -m benchmarks.kernels --smoke --out /tmp/bench    # small shapes on CPU (references only)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Budget, Results, rel_err, run_case, time_calls
+
+
+def bench(fn, device, iters=20, warmup=3) -> float:
+    return time_calls(fn, iters=iters, warmup=warmup, device=device)["median_s"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--deadline", type=float, default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+
+    from engine.kernels import linear_attention as la
+    from engine.kernels import mixffn
+    from engine.kernels.fp8 import FP8Linear
+
+    smoke = args.smoke
+    device = "cpu" if smoke else "cuda"
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run with --smoke on CPU")
+    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
+    # One layer of a 480p CFG step: B=2, 21x30x52 tokens, 20 heads x 112, Mix-FFN hidden 5600.
+    B, Fr, H, W, heads, d, hidden = (2, 2, 4, 6, 2, 24, 60) if smoke else (2, 21, 30, 52, 20, 112, 5600)
+    N, C = Fr * H * W, heads * d
+    dt = torch.float32 if smoke else torch.bfloat16
+    impl = "torch" if smoke else "triton"
+    iters = 2 if smoke else 20
+    results = Results(Path(args.out) / f"kernels_{'smoke' if smoke else '480p'}.json", config={
+        "batch": B, "grid": [Fr, H, W], "tokens": B * N, "heads": heads, "head_dim": d, "ffn_hidden": hidden,
+        "dtype": str(dt), "timing": "median of CUDA-event timed calls after warm-up", "smoke": smoke})
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, positive=False):
+        x = torch.randn(*shape, generator=g)
+        return (x.relu() if positive else x).to(device, dt)
+
+    def ceilings():
+        n = 1 << 28 if not smoke else 1 << 16  # 512 MiB of bf16
+        a = torch.randn(n, device=device, dtype=torch.bfloat16)
+        b = torch.empty_like(a)
+        s = bench(lambda: b.copy_(a), device, iters=iters)
+        out = {"copy_gbps": round(2 * a.numel() * 2 / s / 1e9, 1)}
+        m = 8192 if not smoke else 256
+        x, y = torch.randn(m, m, device=device).to(torch.bfloat16), torch.randn(m, m, device=device).to(torch.bfloat16)
+        s = bench(lambda: x @ y, device, iters=iters)
+        out["bf16_matmul_tflops"] = round(2 * m**3 / s / 1e12, 1)
+        if not smoke:
+            xq, yq = x.to(torch.float8_e4m3fn), y.t().contiguous().to(torch.float8_e4m3fn)
+            one = torch.ones((), device=device)
+            s = bench(lambda: torch._scaled_mm(xq, yq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                      device, iters=iters)
+            out["fp8_matmul_tflops"] = round(2 * m**3 / s / 1e12, 1)
+        return out
+
+    run_case(results, "ceilings", ceilings, budget, 10)
+
+    q, k, v = rnd(B, N, C, positive=True), rnd(B, N, C, positive=True), rnd(B, N, C)
+    ang = torch.rand(N, d // 2, generator=g) * 6.28
+    cos, sin = ang.cos().to(device), ang.sin().to(device)
+
+    def attention():
+        S_ref, z_ref = la.sums_reference(k.float(), v.float(), cos, sin, heads)
+        S, z = la.linear_attention_sums(k, v, cos, sin, heads, impl=impl)
+        o_ref = la.apply_reference(q.float(), cos, sin, S_ref, z_ref)
+        o = la.linear_attention_apply(q, cos, sin, S_ref, z_ref, impl=impl)
+        row = {"sums_rel_err": rel_err(S, S_ref), "z_rel_err": rel_err(z, z_ref), "apply_rel_err": rel_err(o, o_ref)}
+        t_sums = bench(lambda: la.linear_attention_sums(k, v, cos, sin, heads, impl=impl), device, iters=iters)
+        t_apply = bench(lambda: la.linear_attention_apply(q, cos, sin, S, z, impl=impl), device, iters=iters)
+        # The model's reference on bf16 inputs: fp32 upcasts, einsums.
+        t_ref = bench(lambda: la.apply_reference(q, cos, sin, *la.sums_reference(k, v, cos, sin, heads)), device,
+                      iters=max(2, iters // 4))
+        esize = q.element_size()
+        row.update(sums_s=t_sums, apply_s=t_apply, reference_s=t_ref, speedup=round(t_ref / (t_sums + t_apply), 2),
+                   sums_gbps=round(2 * B * N * C * esize / t_sums / 1e9, 1),
+                   apply_gbps=round(2 * B * N * C * esize / t_apply / 1e9, 1))
+        return row
+
+    run_case(results, "linear_attention", attention, budget, 15)
+
+    e = rnd(B * Fr, H, W, 2 * hidden)
+    w_dw = (torch.randn(2 * hidden, 1, 3, 3, generator=g) / 3).to(device, dt)
+    b_dw, b_in = rnd(2 * hidden), rnd(2 * hidden)
+
+    def mix_ffn():
+        ref = mixffn.dwconv_glu_reference(e.float(), w_dw.float(), b_dw.float(), b_in.float(), True)
+        out = mixffn.dwconv_glu(e, w_dw, b_dw, b_in, True, impl=impl)
+        row = {"rel_err": rel_err(out, ref)}
+        t = bench(lambda: mixffn.dwconv_glu(e, w_dw, b_dw, b_in, True, impl=impl), device, iters=iters)
+        t_ref = bench(lambda: mixffn.dwconv_glu_reference(e, w_dw, b_dw, b_in, True), device, iters=iters)
+        act = F.silu(e + b_in)
+        t_noact = bench(lambda: mixffn.dwconv_glu(act, w_dw, b_dw, None, False, impl=impl), device, iters=iters)
+        moved = (e.numel() + e.numel() // 2) * e.element_size()
+        row.update(fused_s=t, reference_s=t_ref, speedup=round(t_ref / t, 2), fused_gbps=round(moved / t / 1e9, 1),
+                   without_activation_s=t_noact)
+        return row
+
+    run_case(results, "dwconv_glu", mix_ffn, budget, 15)
+
+    def fp8_linear():
+        rows = {}
+        for name, (fin, fout) in {"ffn_in": (C, 2 * hidden), "ffn_out": (hidden, C), "qkv": (C, 3 * C)}.items():
+            x = rnd(B * N, fin)
+            lin = torch.nn.Linear(fin, fout, device=device, dtype=dt)
+            ref = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+            t_bf = bench(lambda: lin(x), device, iters=iters)
+            row = {"bf16_s": t_bf, "bf16_tflops": round(2 * x.shape[0] * fin * fout / t_bf / 1e12, 1),
+                   "bf16_rel_err": rel_err(lin(x), ref)}
+            if not smoke:
+                q8 = FP8Linear.from_linear(lin)
+                t8 = bench(lambda: q8(x), device, iters=iters)
+                row.update(fp8_eager_s=t8, fp8_rel_err=rel_err(q8(x), ref),
+                           fp8_gemm_only_tflops=_fp8_gemm_tflops(q8, x, device, iters))
+            rows[name] = row
+        return rows
+
+    run_case(results, "linear_bf16_vs_fp8", fp8_linear, budget, 15)
+
+    print(f"\n== {results.path.name} on {results.doc['environment'].get('gpu')} ==")
+    for c in results.doc["cases"]:
+        print(c["name"], {k: v for k, v in c.items() if k not in ("name", "traceback")})
+    return 0
+
+
+def _fp8_gemm_tflops(layer, x, device, iters) -> float:
+    from engine.kernels.fp8 import quantize_rowwise
+
+    xq, xs = quantize_rowwise(x)
+    s = bench(lambda: torch._scaled_mm(xq, layer.weight_fp8.t(), scale_a=xs, scale_b=layer.weight_scale,
+                                       out_dtype=torch.bfloat16), device, iters=iters)
+    return round(2 * x.shape[0] * layer.in_features * layer.out_features / s / 1e12, 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

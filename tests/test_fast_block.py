@@ -1,0 +1,199 @@
+"""``engine.fast.optimize`` keeps the model's function: the FastBlock equals the reference TransformerBlock in clip
+mode, in one-pass block-causal mode and when streaming with a BlockState (outputs and committed state alike).
+
+CPU runs the fast structure with the kernels' PyTorch references (and once with the Triton kernels under the
+interpreter); CUDA runs the compiled kernels, torch.compile and CUDA-graph replay (skipped without a GPU).
+"""
+
+import copy
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.fast import FastBlock, GraphedTransformer, optimize
+from engine.kernels import triton_available
+from engine.kernels.fp8 import FP8Linear
+from engine.model import SanaVideoTransformer, pointwise_convs_to_linear
+from engine.presets import TINY_TRANSFORMER
+from engine.state import BlockState, ReferenceBlockState
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = {
+    "tiny": dataclasses.replace(TINY_TRANSFORMER, num_layers=2),
+    "biased-3-heads": dataclasses.replace(
+        TINY_TRANSFORMER, num_attention_heads=3, attention_head_dim=36, num_cross_attention_heads=3,
+        cross_attention_head_dim=36, cross_attention_dim=108, num_layers=2, caption_channels=40, attention_bias=True,
+    ),
+}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def models(config, causal=False, seed=0, **fast_kwargs):
+    torch.manual_seed(seed)
+    ref = SanaVideoTransformer(config, causal=causal).eval()
+    fast = optimize(copy.deepcopy(ref), **{"compile": False, **fast_kwargs})
+    return ref, fast
+
+
+def inputs(config, frames=4, h=6, w=8, batch=2, seed=1, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, frames, h, w, generator=g)
+    text = torch.randn(batch, 7, config.caption_channels, generator=g)
+    mask = torch.ones(batch, 7)
+    mask[-1, 4:] = 0
+    t = torch.linspace(900.0, 100.0, batch)
+    return x.to(device, dtype), text.to(device, dtype), t.to(device), mask.to(device)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_clip_and_block_causal_equal_reference(name):
+    config = CONFIGS[name]
+    ref, fast = models(config)
+    assert all(isinstance(b, FastBlock) for b in fast.transformer_blocks)
+    x, text, t, mask = inputs(config)
+    with torch.no_grad():
+        assert rel_err(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
+        assert rel_err(fast(x, text, t, mask, block_frames=[1, 3]), ref(x, text, t, mask, block_frames=[1, 3])) < 1e-5
+
+
+def test_converted_pointwise_convs_give_the_same_fast_model():
+    """optimize() accepts a model whose Mix-FFN convs were already turned into Linear layers."""
+    config = CONFIGS["tiny"]
+    ref, fast = models(config)
+    pointwise_convs_to_linear(ref)
+    x, text, t, mask = inputs(config)
+    with torch.no_grad():
+        fast_from_linear = optimize(copy.deepcopy(ref), compile=False)
+        assert rel_err(fast_from_linear(x, text, t, mask), fast(x, text, t, mask)) < 1e-6
+
+
+@pytest.mark.parametrize("state_cls", ["BlockState", "ReferenceBlockState"])
+def test_streaming_equals_reference(state_cls):
+    config = CONFIGS["biased-3-heads"]
+    ref, fast = models(config, causal=True)
+    x, text, t, mask = inputs(config, frames=2)
+
+    def new_state(model):
+        if state_cls == "BlockState":
+            return BlockState.for_model(model, 2, 6, 8)
+        return ReferenceBlockState(config.num_layers)
+
+    s_ref, s_fast = new_state(ref), new_state(fast)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(3):
+            xb = torch.randn(2, 16, 2, 6, 8, generator=g)
+            assert rel_err(fast(xb, text, t, mask, state=s_fast), ref(xb, text, t, mask, state=s_ref)) < 1e-5
+            zero = torch.zeros_like(t)
+            out_f = fast(xb, text, zero, mask, state=s_fast, commit=True)
+            out_r = ref(xb, text, zero, mask, state=s_ref, commit=True)
+            assert rel_err(out_f, out_r) < 1e-5
+            assert s_fast.frames == s_ref.frames
+    if state_cls == "BlockState":
+        assert rel_err(s_fast.S, s_ref.S) < 1e-5 and rel_err(s_fast.z, s_ref.z) < 1e-5
+        assert rel_err(s_fast.conv, s_ref.conv) < 1e-5
+
+
+def test_blocks_share_one_compiled_graph():
+    """Regional compilation: N identical blocks trace once per input signature, not N times."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    config = dataclasses.replace(TINY_TRANSFORMER, num_layers=4)
+    ref, fast = models(config, causal=True, compile=True, compile_backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    x, text, t, mask = inputs(config, frames=2)
+    with torch.no_grad():
+        assert rel_err(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
+        fast(x, text, t, mask)
+        assert counters["stats"]["unique_graphs"] == 1
+        state = BlockState.for_model(fast, 2, 6, 8)
+        fast(x, text, t, mask, state=state)
+        fast(x, text, t, mask, state=state, commit=True)
+        assert counters["stats"]["unique_graphs"] == 2  # + the stream variant (commit happens outside)
+
+
+def test_fp8_linears_close_to_full_precision():
+    config = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=32,
+                                 num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
+                                 num_layers=2)  # every GEMM dimension a multiple of 16
+    ref, fast = models(config, fp8=True)
+    core = fast.transformer_blocks[0].core
+    assert isinstance(core.qkv, FP8Linear) and isinstance(core.ffn_in, FP8Linear)
+    assert isinstance(core.temporal, FP8Linear) and not isinstance(core.cross_kv, FP8Linear)
+    x, text, t, mask = inputs(config)
+    with torch.no_grad():
+        try:
+            got = fast(x, text, t, mask)
+        except (RuntimeError, NotImplementedError) as exc:
+            pytest.skip(f"torch._scaled_mm unavailable on CPU here: {exc}")
+        assert rel_err(got, ref(x, text, t, mask)) < 0.1
+
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import copy, dataclasses, torch
+    from engine.fast import optimize
+    from engine.model import SanaVideoTransformer
+    from engine.presets import TINY_TRANSFORMER
+    from engine.state import BlockState
+    def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    config = dataclasses.replace(TINY_TRANSFORMER, num_layers=1)
+    torch.manual_seed(0)
+    ref = SanaVideoTransformer(config, causal=True).eval()
+    fast = optimize(copy.deepcopy(ref), compile=False)
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(1, 16, 2, 4, 6, generator=g), torch.randn(1, 5, 32, generator=g)
+    t, mask = torch.tensor([500.0]), torch.ones(1, 5)
+    with torch.no_grad():
+        assert rel(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
+        s_ref, s_fast = BlockState.for_model(ref, 1, 4, 6), BlockState.for_model(fast, 1, 4, 6)
+        ref(x, text, t, mask, state=s_ref, commit=True)
+        fast(x, text, t, mask, state=s_fast, commit=True)
+        assert rel(fast(x, text, t, mask, state=s_fast), ref(x, text, t, mask, state=s_ref)) < 1e-5
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_fast_model_with_triton_kernels_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Triton kernels, inductor and CUDA graphs")
+def test_compiled_kernels_and_graphs_on_gpu():
+    config = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=64,
+                                 num_cross_attention_heads=2, cross_attention_head_dim=64, cross_attention_dim=128,
+                                 num_layers=2)
+    torch.manual_seed(0)
+    ref = SanaVideoTransformer(config, causal=True).eval().cuda()
+    fast = optimize(copy.deepcopy(ref).bfloat16(), compile=True)
+    x, text, t, mask = inputs(config, frames=5, h=10, w=14, device="cuda")
+    with torch.no_grad():
+        expected = ref(x, text, t, mask)
+        xb, textb = x.bfloat16(), text.bfloat16()
+        got = fast(xb, textb, t, mask)
+        assert rel_err(got, expected) < 2e-2
+        graphed = GraphedTransformer(fast)
+        assert rel_err(graphed(xb, textb, t, mask), got) < 1e-3
+        assert rel_err(graphed(xb, textb, t, mask), got) < 1e-3  # replay
+        s_ref, s_fast = BlockState.for_model(ref, 2, 10, 14), BlockState.for_model(fast, 2, 10, 14)
+        for _ in range(2):
+            ref(x, text, t, mask, state=s_ref, commit=True)
+            fast(xb, textb, t, mask, state=s_fast, commit=True)
+        assert rel_err(fast(xb, textb, t, mask, state=s_fast), ref(x, text, t, mask, state=s_ref)) < 2e-2
+        assert rel_err(s_fast.S, s_ref.S) < 1e-2

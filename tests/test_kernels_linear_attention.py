@@ -1,0 +1,122 @@
+"""The fused linear-attention kernels equal the model's reference (engine.model) on the same inputs.
+
+CPU: the kernels' PyTorch reference against the model's functions; the Triton kernels themselves under Triton's
+CPU interpreter (fp32 and fp16: the interpreter has no bf16 matmul) in a subprocess, since the interpreter must be
+chosen before Triton compiles anything. CUDA: the compiled kernels in bf16 (skipped without a GPU).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kernels import linear_attention as la
+from engine.kernels import triton_available
+from engine.model import apply_rotary, linear_attention_apply, linear_attention_sums
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def make_inputs(B, N, heads, d, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, heads * d, generator=g).relu()
+    k = torch.randn(B, N, heads * d, generator=g).relu()
+    v = torch.randn(B, N, heads * d, generator=g)
+    ang = torch.rand(N, d // 2, generator=g) * 6.28
+    to = dict(device=device, dtype=dtype)
+    return q.to(**to), k.to(**to), v.to(**to), ang.cos().to(device), ang.sin().to(device)
+
+
+def model_reference(q, k, v, cos, sin, heads):
+    """engine.model's formulation: interleaved [1, N, 1, d] tables, apply_rotary, einsum sums/apply."""
+    full = (cos.repeat_interleave(2, -1)[None, :, None], sin.repeat_interleave(2, -1)[None, :, None])
+    qh, kh, vh = (t.unflatten(-1, (heads, -1)) for t in (q, k, v))
+    S, z = linear_attention_sums(kh, apply_rotary(kh, *full), vh)
+    return S, z, linear_attention_apply(qh, apply_rotary(qh, *full), S, z).flatten(2)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 24), (1, 50, 3, 112)])
+def test_reference_equals_model(shape):
+    B, N, heads, d = shape
+    q, k, v, cos, sin = make_inputs(B, N, heads, d)
+    S0, z0, out0 = model_reference(q, k, v, cos, sin, heads)
+    S, z = la.linear_attention_sums(k, v, cos, sin, heads, impl="torch")
+    out = la.linear_attention_apply(q, cos, sin, S, z, impl="torch")
+    assert rel_err(S, S0) < 1e-6 and rel_err(z, z0) < 1e-6 and rel_err(out, out0) < 1e-6
+
+
+def test_strided_views_accepted():
+    """k and v sliced out of a fused q|k|v projection (row stride 3*heads*d) give the same result."""
+    B, N, heads, d = 2, 20, 2, 8
+    q, k, v, cos, sin = make_inputs(B, N, heads, d)
+    qkv = torch.cat([q, k, v], dim=-1)
+    _, k_view, v_view = qkv.chunk(3, dim=-1)
+    S0, z0 = la.linear_attention_sums(k, v, cos, sin, heads, impl="torch")
+    S1, z1 = la.linear_attention_sums(k_view, v_view, cos, sin, heads, impl="torch")
+    assert torch.equal(S0, S1) and torch.equal(z0, z1)
+
+
+def test_custom_ops_registered_with_shapes():
+    q, k, v, cos, sin = make_inputs(2, 9, 2, 8)
+    S, z = torch.ops.sana.linear_attention_sums(k, v, cos, sin, 2)
+    out = torch.ops.sana.linear_attention_apply(q, cos, sin, S, z, 1e-15)
+    assert S.shape == (2, 2, 8, 8) and z.shape == (2, 2, 8) and out.shape == q.shape and out.dtype == q.dtype
+
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import torch
+    from engine.kernels import linear_attention as la
+    def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    g = torch.Generator().manual_seed(0)
+    worst = {}
+    # 37 tokens: several chunks of 8 with a ragged last one; d=24 pads to 32 lanes; fp16 checks 16-bit rounding.
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        for B, N, H, D in ((2, 37, 2, 24), (1, 19, 1, 10)):
+            q, k = (torch.randn(B, N, H * D, generator=g).relu().to(dtype) for _ in range(2))
+            v = torch.randn(B, N, H * D, generator=g).to(dtype)
+            ang = torch.rand(N, D // 2, generator=g) * 6.28
+            cos, sin = ang.cos(), ang.sin()
+            S0, z0 = la.sums_reference(k, v, cos, sin, H)
+            S1, z1 = la._sums_triton(k, v, cos, sin, H, block_n=8)
+            out0 = la.apply_reference(q, cos, sin, S0, z0)
+            out1 = la._apply_triton(q, cos, sin, S0, z0, 1e-15, block_n=8)
+            errs = (rel(S1, S0), rel(z1, z0), rel(out1, out0))
+            assert max(errs) < tol, (dtype, B, N, H, D, errs)
+            assert out1.dtype == dtype and torch.isfinite(out1).all()
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_kernels_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled Triton kernels run on the GPU")
+@pytest.mark.parametrize("shape", [(2, 1000, 2, 112), (1, 4097, 20, 112), (2, 300, 3, 24)])
+def test_triton_kernels_on_gpu(shape):
+    B, N, heads, d = shape
+    q, k, v, cos, sin = make_inputs(B, N, heads, d, dtype=torch.bfloat16, device="cuda")
+    S0, z0 = la.sums_reference(k.float(), v.float(), cos, sin, heads)
+    out0 = la.apply_reference(q.float(), cos, sin, S0, z0)
+    S, z = la.linear_attention_sums(k, v, cos, sin, heads, impl="triton")
+    out = la.linear_attention_apply(q, cos, sin, S0, z0, impl="triton")
+    # bf16 inputs: the rotation is rounded to bf16 before the products (as the model's reference does).
+    assert rel_err(S, S0) < 5e-3 and rel_err(z, z0) < 1e-5 and rel_err(out, out0) < 1e-2
+    # fp32 inputs: full-precision products.
+    S32, _ = la.linear_attention_sums(k.float(), v.float(), cos, sin, heads, impl="triton")
+    assert rel_err(S32, S0) < 1e-5
+    out32 = la.linear_attention_apply(q.float(), cos, sin, S0, z0, impl="triton")
+    assert rel_err(out32, out0) < 1e-5
