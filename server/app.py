@@ -25,15 +25,13 @@ from server.metrics import RequestMetrics
 from server.schemas import GenerateRequest, VideoCreateRequest, accepted_range
 from server.settings import Settings, get_settings
 from workers import jobs
-from workers.registry import canonical_model, served_models
 
 log = logging.getLogger("sana.api")
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def _requeue_pass(r: redis.Redis, settings: Settings) -> None:
-    models = sorted(set(served_models(r)) | {canonical_model(settings.model)})
-    jobs.requeue_abandoned(r, models)
+def _requeue_pass(r: redis.Redis) -> None:
+    jobs.requeue_abandoned(r, jobs.queued_models(r))  # all queues: a model may have lost every worker
 
 
 async def _requeue_lost_jobs(app: FastAPI) -> None:
@@ -43,7 +41,7 @@ async def _requeue_lost_jobs(app: FastAPI) -> None:
     while True:
         await asyncio.sleep(settings.heartbeat_s)
         try:
-            await asyncio.to_thread(_requeue_pass, app.state.redis, settings)
+            await asyncio.to_thread(_requeue_pass, app.state.redis)
         except redis.RedisError as exc:
             log.warning("re-queue pass skipped: %s", exc)
         except Exception:

@@ -47,7 +47,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
         time.sleep(interval)
 
 
@@ -199,11 +199,17 @@ def services(tmp_path_factory, request):
 def wait_job(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "cancelled"),
              timeout: float = 120, headers: dict | None = None) -> dict:
     """Poll GET /jobs/{id} until its status is one of ``statuses``; returns the job."""
+    last = {}
+
     def reached():
         job = client.get(f"/jobs/{job_id}", headers=headers).json()
+        last.update(job)
         return job if job["status"] in statuses else None
 
-    return wait_until(reached, timeout, interval=0.1, what=f"job {job_id} to reach {statuses}")
+    try:
+        return wait_until(reached, timeout, interval=0.1, what=f"job {job_id} to reach {statuses}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; job: {last}") from None
 
 
 def decode_mp4(data_or_path) -> list:

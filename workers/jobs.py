@@ -16,6 +16,7 @@ Nothing here imports torch: the API process uses this module too.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -82,8 +83,16 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
+@functools.lru_cache(maxsize=256)
 def get_queue(r: redis.Redis, model: str) -> Queue:
+    """The model's RQ queue on client ``r`` (cached: a Queue remembers the server's version, one round trip)."""
     return Queue(queue_name(model), connection=r, serializer=JSONSerializer)
+
+
+def queued_models(r: redis.Redis) -> list[str]:
+    """Every model that has had a queue, live workers or not (RQ keeps a set of queue names)."""
+    return sorted(q.name.removeprefix("sana:") for q in Queue.all(connection=r, serializer=JSONSerializer)
+                  if q.name.startswith("sana:"))
 
 
 # ---------------------------------------------------------------------------------------------- transitions
@@ -182,29 +191,34 @@ def end_job(r: redis.Redis, job_id: str, status: JobStatus, *, allowed: set[str]
 
 def submit_job(r: redis.Redis, *, job_id: str, model: str, params: dict, owner: str,
                settings: Settings) -> None:
-    """Write the record and put the job on its model's queue. ``params`` are plain JSON values."""
-    r.hset(job_key(job_id), mapping={
-        "id": job_id,
-        "model": model,
-        "status": JobStatus.QUEUED,
-        "owner": owner,
-        "params": json.dumps(params),
-        "created_at": time.time(),
-        "attempt": 0,
-    })
-    get_queue(r, model).enqueue(
-        TASK,
-        job_id,
-        model,
-        params,
-        job_id=job_id,
-        description=f"generate {model} {job_id}",
-        job_timeout=settings.job_timeout_s,
-        result_ttl=settings.result_ttl_s,
-        failure_ttl=settings.result_ttl_s,
-        retry=Retry(max=RETRIES_ON_WORKER_LOSS),
-        on_failure=Callback(FAILURE_CALLBACK),
-    )
+    """Write the record and put the job on its model's queue, in one transaction (never one without the other).
+    ``params`` are plain JSON values."""
+    with r.pipeline() as pipe:
+        # RQ opens the transaction (MULTI) itself, so its commands come first.
+        get_queue(r, model).enqueue(
+            TASK,
+            job_id,
+            model,
+            params,
+            job_id=job_id,
+            description=f"generate {model} {job_id}",
+            job_timeout=settings.job_timeout_s,
+            result_ttl=settings.result_ttl_s,
+            failure_ttl=settings.result_ttl_s,
+            retry=Retry(max=RETRIES_ON_WORKER_LOSS),
+            on_failure=Callback(FAILURE_CALLBACK),
+            pipeline=pipe,
+        )
+        pipe.hset(job_key(job_id), mapping={
+            "id": job_id,
+            "model": model,
+            "status": JobStatus.QUEUED,
+            "owner": owner,
+            "params": json.dumps(params),
+            "created_at": time.time(),
+            "attempt": 0,
+        })
+        pipe.execute()
 
 
 def queue_depth(r: redis.Redis, model: str) -> int:

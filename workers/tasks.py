@@ -112,7 +112,6 @@ class JobRun:
         self.output = JobOutput(r, job_id, attempt, settings)
         self.model = self.pipe.name
         self.mode = "stream" if self.pipe.causal else "clip"
-        self.fps = 16
         self.last_progress: Progress | None = None
 
     # -- callbacks the engine calls ------------------------------------------------------------------------
@@ -171,7 +170,6 @@ class JobRun:
         params = self.pipe.resolve(GenerationParams(**{k: v for k, v in raw_params.items() if k in names}))
         plan = self.pipe.plan(params)
         self.mode = params.mode or self.mode
-        self.fps = params.fps
         self.r.hset(jobs.job_key(self.job_id), mapping={"params": json.dumps(params.to_dict())})
 
         encoder = FragmentedMP4Encoder(params.width, params.height, params.fps)
@@ -179,7 +177,7 @@ class JobRun:
             "width": params.width, "height": params.height, "fps": params.fps, "mode": params.mode,
             "frames_total": plan["frames_total"], "blocks_total": plan["blocks_total"],
             "steps_per_block": plan["steps_per_block"], "codec": encoder.codec_string,
-            "mime": f'video/mp4; codecs="{encoder.codec_string}"',
+            "mime": encoder.mime_type,
         }
         self.output.begin(start, encoder.init_segment())
         self.t_generate = self.t_step = self.t_chunk = time.monotonic()
