@@ -43,11 +43,12 @@ def quantize_pipeline(pipe, precision: str, settings: CalibrationSettings, polic
 
 def cli_quantize(model: str, precision: str, out: str | Path, calib_prompts: str | Path | Sequence[str] | None = None,
                  device: str | None = None, *, policy: LayerPolicy | None = None, steps: int | None = None,
-                 frames: int | None = None, height: int | None = None, width: int | None = None, log=print) -> dict:
+                 frames: int | None = None, height: int | None = None, width: int | None = None, log=None) -> dict:
     """Quantize ``model`` (preset, folder or hub id) to ``precision`` ("nvfp4" or "fp8") with ModelOpt and save
     it in ``out`` (a new or empty folder). Calibration denoises ``calib_prompts`` (a text file, one prompt a
     line, or a list; default: a built-in varied set) at the preset's sampling settings unless ``steps``,
-    ``frames``, ``height``, ``width`` say otherwise. Returns a summary (layers quantized/kept, folder)."""
+    ``frames``, ``height``, ``width`` say otherwise; ``log(str)`` receives progress lines. Returns a summary
+    (layers quantized/kept, folder)."""
     from engine.pipeline import VideoPipeline
 
     precision = check_precision(precision)
@@ -79,7 +80,7 @@ def _check_settings(pipe, settings: CalibrationSettings) -> None:
 
 
 def prepare_engine_onnx(model: str | Path, precision: str, height: int, width: int, frames: int, folder: str | Path,
-                        *, calib_prompts=None, device: str | None = None, batch: int = 2, log=print):
+                        *, calib_prompts=None, device: str | None = None, batch: int = 2, log=None):
     """Export the clip-step ONNX of one resolution bucket into ``folder``: (ExportedGraph, model info).
 
     ``model``: a quantized folder (from ``cli_quantize``; its precision must equal ``precision``) or a model
@@ -123,7 +124,7 @@ def prepare_engine_onnx(model: str | Path, precision: str, height: int, width: i
 
 
 def cli_build_engine(model: str | Path, precision: str, height: int, width: int, frames: int, out: str | Path, *,
-                     calib_prompts=None, device: str | None = None, batch: int = 2, log=print) -> dict:
+                     calib_prompts=None, device: str | None = None, batch: int = 2, log=None) -> dict:
     """Build a TensorRT engine folder ``out`` for ``model`` at one resolution bucket (``height`` x ``width``
     pixels, ``frames`` frames, CFG batch ``batch``): transformer.onnx, engine.plan and the engine.json sidecar.
     Needs TensorRT and a GPU of the precision's compute capability (nvfp4 >= 10.0, fp8 >= 8.9, bf16 >= 8.0)."""

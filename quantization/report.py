@@ -41,9 +41,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB of uint8 frames ``a`` against ``b`` (inf when identical)."""
+    """PSNR in dB of uint8 frames ``a`` against ``b``; None when identical (infinite, which JSON cannot hold)."""
     mse = float(((torch.as_tensor(a).float() - torch.as_tensor(b).float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return None if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def generate(pipe, transformer, prompts, settings) -> tuple[torch.Tensor, torch.Tensor, float]:
