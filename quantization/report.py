@@ -205,10 +205,7 @@ def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts,
                                   "psnr_db": psnr(frames, base_frames), "seconds_per_forward": step}
         except Exception as exc:  # e.g. no FP8 GEMM on this GPU / build
             record["fp8_real"] = {"error": f"{type(exc).__name__}: {exc}"}
-    del qmodel, plain, ref_model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return record
+    return record  # the copies are freed with this frame
 
 
 def main(argv=None) -> int:
@@ -302,6 +299,8 @@ def main(argv=None) -> int:
             result["elapsed_s"] = round(time.perf_counter() - started, 1)
             _write(args.out, result)
             print(f"{name} {precision}: {record['status']} in {record['seconds']}s", file=sys.stderr, flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
         del pipe, baseline
         if cuda:
             torch.cuda.empty_cache()
