@@ -8,6 +8,7 @@ Started once for the module: redis-server, ``sana-video api`` with the engine's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -248,4 +249,85 @@ def test_every_metric_the_dashboard_queries_is_exported(stack):
         for metric, label in re.findall(r"label_values\((sana_[a-z0-9_]+),\s*(\w+)\)", query):
             if label not in exported.get(metric, set()):
                 problems.append(f"the dashboard variable reads label {label!r} of {metric}, which lacks it")
+    assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------------------------ prometheus
+
+# Dashboard queries that are empty while nothing goes wrong (no 5xx answers in a healthy run).
+EMPTY_WHEN_HEALTHY = ('status=~"5.."',)
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+
+
+def test_prometheus_config_is_valid():
+    if PROMTOOL is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    proc = subprocess.run([PROMTOOL, "check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def prometheus_query(url: str, expr: str) -> list[dict]:
+    answer = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert answer["status"] == "success", f"{expr!r}: {answer.get('error')}"
+    return answer["data"]["result"]
+
+
+def test_every_dashboard_panel_shows_data_in_a_real_prometheus(stack, tmp_path):
+    """A real Prometheus scrapes the API and the worker while jobs run; then every dashboard query, as Grafana
+    would send it, must parse and return data."""
+    if PROMETHEUS is None:
+        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    worker_target = stack.worker_metrics.split("/")[2]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": "sana-api", "static_configs": [{"targets": [stack.api.split("/")[2]]}]},
+            {"job_name": "sana-worker", "static_configs": [{"targets": [worker_target]}]},
+        ],
+    }))
+    port = free_port()
+    proc = Proc("prometheus", [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], dict(os.environ), stack.services.workdir)
+    stack.services.procs.append(proc)
+    url = f"http://127.0.0.1:{port}"
+
+    def targets_up() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"prometheus exited:\n{proc.log()}")
+        try:
+            if httpx.get(f"{url}/-/ready", timeout=2).status_code != 200:
+                return False  # still starting: the query API answers plain text until then
+            return sum(float(r["value"][1]) for r in prometheus_query(url, "up")) == 2
+        except httpx.HTTPError:
+            return False
+
+    wait_until(targets_up, 60, interval=0.5, what="prometheus to scrape the API and the worker")
+
+    # Two jobs with scrapes between them: counters and histograms then have increases for rate().
+    with httpx.Client(base_url=stack.api) as client:
+        for prompt in ("a pink moon", "a cyan sea"):
+            job = client.post("/generate", json={"prompt": prompt, "frames": 33}).json()
+            assert wait_job(client, job["id"])["status"] == "succeeded"
+            done = sum(sample.value for family in text_string_to_metric_families(httpx.get(stack.worker_metrics).text)
+                       for sample in family.samples if sample.name == "sana_worker_jobs_total")
+            wait_until(lambda: sum(float(r["value"][1]) for r in
+                                   prometheus_query(url, "sana_worker_jobs_total")) >= done,
+                       30, interval=0.5, what="prometheus to scrape the finished job")
+
+    problems = []
+    for expr in dashboard_queries():
+        if expr.startswith("label_values("):
+            metric, label = re.match(r"label_values\((\w+),\s*(\w+)\)", expr).groups()
+            values = httpx.get(f"{url}/api/v1/label/{label}/values", params={"match[]": metric}).json()["data"]
+            if MODEL not in values:
+                problems.append(f"{expr}: {values}")
+            continue
+        query = expr.replace("$__rate_interval", "5m").replace("$model", ".*")
+        result = prometheus_query(url, query)
+        finite = [r for r in result if math.isfinite(float(r["value"][1]))]
+        if not finite and not any(marker in expr for marker in EMPTY_WHEN_HEALTHY):
+            problems.append(f"no data for {expr!r}: {result}")
     assert not problems, "\n".join(problems)
