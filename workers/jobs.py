@@ -325,12 +325,14 @@ def requeue_abandoned(r: redis.Redis, models: list[str]) -> None:
     """Find running jobs whose worker stopped heartbeating: re-queue them once, then fail them.
 
     Safe to call from any process and thread (the API and every worker do, each heartbeat): RQ's queue
-    maintenance lock lets one caller at a time clean a queue, and the thread-based death penalty works off the
-    main thread.
+    maintenance lock lets one caller at a time clean a queue (two cleaners could re-queue a job twice), and the
+    thread-based death penalty works off the main thread.
     """
     for model in models:
         queue = get_queue(r, model)
-        if not queue.acquire_maintenance_lock():
+        # RQ's own maintenance holds this key for 15 minutes; ours expires within a minute should this process
+        # die while holding it, so a kill -9 here does not pause lost-worker detection.
+        if not r.set(queue.registry_cleaning_key, 1, nx=True, ex=60):
             continue
         try:
             StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
