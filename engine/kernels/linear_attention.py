@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import resolve_impl
+from engine.kernels import interpreting, resolve_impl
 
 EPS = 1e-15
 
@@ -135,6 +135,16 @@ if triton is not None:
             tl.store(o_base + offs_n[:, None] * stride_on + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+    # Token-block sizes and warps to try once per shape on the GPU. The [d, d] fp32 accumulator (S) takes 64
+    # registers a thread at 8 warps; these tiles compile for sm_90 without (or with a few bytes of) spills.
+    _TILES = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+              for bn, w, st in ((64, 8, 2), (32, 8, 2), (32, 8, 3), (16, 8, 3))]
+    _sums_tuned = triton.autotune(configs=_TILES, key=["N", "BH", "HEADS", "D", "TOKENS_PER_CHUNK"])(_sums_kernel)
+    _apply_tuned = triton.autotune(configs=_TILES, key=["N", "HEADS", "D", "TOKENS_PER_CHUNK"])(_apply_kernel)
+
+CHUNK_MULTIPLE = 64  # every tile size above divides a chunk
+
+
 def _chunks(n_tokens: int, programs_per_chunk: int, block_n: int, device: torch.device) -> tuple[int, int]:
     """(number of chunks, tokens per chunk): about 4 programs per SM, each chunk a multiple of ``block_n``."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -163,27 +173,31 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, n: int, d: int):
     return cos.float() if cos.dtype != torch.float32 else cos, sin.float() if sin.dtype != torch.float32 else sin
 
 
-def _sums_triton(k, v, cos, sin, heads: int, block_n: int = 64):
+def _sums_triton(k, v, cos, sin, heads: int, block_n: int | None = None):
+    """``block_n`` given: that tile; else autotuned on the GPU (64 under the interpreter)."""
     B, N, HD = k.shape
     D = HD // heads
     k, v = _check(k, "k"), _check(v, "v")
     cos, sin = _tables(cos, sin, N, D)
     BH = B * heads
-    chunks, per_chunk = _chunks(N, BH, block_n, k.device)
+    tuned = block_n is None and not interpreting()
+    chunks, per_chunk = _chunks(N, BH, CHUNK_MULTIPLE if tuned else (block_n or 64), k.device)
     S_part = torch.empty(chunks, B, heads, D, D, device=k.device, dtype=torch.float32)
     z_part = torch.empty(chunks, B, heads, D, device=k.device, dtype=torch.float32)
-    _sums_kernel[(BH, chunks)](
-        k, v, cos, sin, S_part, z_part, N, BH,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1),
-        HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, TOKENS_PER_CHUNK=per_chunk, PRECISION=_precision(k),
-        num_warps=8, num_stages=2,
-    )
+    args = (k, v, cos, sin, S_part, z_part, N, BH,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1))
+    meta = dict(HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), TOKENS_PER_CHUNK=per_chunk,
+                PRECISION=_precision(k))
+    if tuned:
+        _sums_tuned[(BH, chunks)](*args, **meta)
+    else:
+        _sums_kernel[(BH, chunks)](*args, **meta, BLOCK_N=block_n or 64, num_warps=8, num_stages=2)
     if chunks == 1:
         return S_part[0], z_part[0]
     return S_part.sum(0), z_part.sum(0)
 
 
-def _apply_triton(q, cos, sin, S, z, eps: float, block_n: int = 64):
+def _apply_triton(q, cos, sin, S, z, eps: float, block_n: int | None = None):
     B, N, HD = q.shape
     heads, D = S.shape[1], S.shape[-1]
     q = _check(q, "q")
@@ -191,13 +205,16 @@ def _apply_triton(q, cos, sin, S, z, eps: float, block_n: int = 64):
     S, z = S.float().contiguous(), z.float().contiguous()
     out = torch.empty(B, N, HD, device=q.device, dtype=q.dtype)
     BH = B * heads
-    chunks, per_chunk = _chunks(N, BH, block_n, q.device)
-    _apply_kernel[(BH, chunks)](
-        q, cos, sin, S, z, out, N, eps,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0), cos.stride(1),
-        HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n, TOKENS_PER_CHUNK=per_chunk, PRECISION=_precision(q),
-        num_warps=8, num_stages=2,
-    )
+    tuned = block_n is None and not interpreting()
+    chunks, per_chunk = _chunks(N, BH, CHUNK_MULTIPLE if tuned else (block_n or 64), q.device)
+    args = (q, cos, sin, S, z, out, N, eps,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0), cos.stride(1))
+    meta = dict(HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), TOKENS_PER_CHUNK=per_chunk,
+                PRECISION=_precision(q))
+    if tuned:
+        _apply_tuned[(BH, chunks)](*args, **meta)
+    else:
+        _apply_kernel[(BH, chunks)](*args, **meta, BLOCK_N=block_n or 64, num_warps=8, num_stages=2)
     return out
 
 
