@@ -140,8 +140,27 @@ def _disable_modelopt_cuda_extensions() -> None:
     extensions.get_cuda_ext_fp8.extension = None
 
 
-def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts, baseline, policy):
-    """One model x precision: returns the case record. ``baseline``: bf16 (latents, frames, s/forward)."""
+def policy_for(num_layers: int):
+    """The default policy, except on models too shallow to keep a block at each end and still quantize one."""
+    from quantization.policy import LayerPolicy
+
+    if num_layers > 2:
+        return LayerPolicy()
+    return LayerPolicy(keep_first_blocks=num_layers - 1, keep_last_blocks=0)
+
+
+def _swap(pipe, transformer, fn):
+    original = pipe.transformer
+    pipe.transformer = transformer
+    try:
+        return fn()
+    finally:
+        pipe.transformer = original
+
+
+def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts, baseline, policy, accuracy=None):
+    """One model x precision: returns the case record. ``baseline``: bf16 (latents, frames, s/forward, accuracy);
+    ``accuracy(pipe)``: task accuracies of the pipeline as it stands (trained models only)."""
     from quantization.calibration import CalibrationSettings, forward_loop
     from quantization.onnx_export import build_export_model
     from quantization.quantize import plain_copy, quantize_transformer
@@ -150,14 +169,18 @@ def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts,
     record: dict = {"model": model_name, "precision": precision, "device": str(dev), "dtype": str(pipe.dtype),
                     "calibration_prompts": list(calib_prompts), "eval_prompts": list(eval_prompts),
                     "settings": dataclasses.asdict(settings)}
-    base_latents, base_frames, base_step = baseline
+    base_latents, base_frames, base_step, base_accuracy = baseline
     record["baseline_seconds_per_forward"] = base_step
+    if base_accuracy is not None:
+        record["baseline_accuracy"] = base_accuracy
     t0 = time.perf_counter()
     transformer = pipe.transformer
     import copy
 
     qmodel = copy.deepcopy(transformer)
     calib = CalibrationSettings(tuple(calib_prompts), settings.steps, settings.frames, settings.height, settings.width)
+    policy = policy or policy_for(transformer.config.num_layers)
+    record["policy"] = policy.to_dict()
     plan, recipe = quantize_transformer(qmodel, precision, forward_loop(pipe, calib), policy)
     record["calibration_seconds"] = time.perf_counter() - t0
     record["quantized_layers"] = len(recipe)
@@ -174,9 +197,11 @@ def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts,
         hooks = LayerErrors(qmodel, list(recipe), exact)
         latents, frames, step = generate(pipe, qmodel, eval_prompts, settings)
         sim_latents = latents
+        layer_errors = hooks.result()
         record["simulated"] = {"simulator": "modelopt", "latents_rel_error": _rel(latents, base_latents),
                                "psnr_db": psnr(frames, base_frames), "seconds_per_forward": step}
-        layer_errors = hooks.result()
+        if accuracy is not None:
+            record["simulated"]["accuracy"] = _swap(pipe, qmodel, lambda: accuracy(pipe))
         record["layers"] = layer_errors
         record["layer_summary"] = _summary(layer_errors)
     else:
@@ -191,6 +216,8 @@ def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts,
         layer_errors = hooks.result()
         record["layers"] = layer_errors
         record["layer_summary"] = _summary(layer_errors)
+    if accuracy is not None and not simulate:
+        record["qdq_reference"]["accuracy"] = _swap(pipe, ref_model, lambda: accuracy(pipe))
     if sim_latents is not None:
         # How far the graph's arithmetic is from ModelOpt's simulation (both against the same bf16 run).
         record["qdq_reference"]["vs_simulated_latents_rel_error"] = _rel(latents, sim_latents)
@@ -203,6 +230,8 @@ def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts,
             latents, frames, step = generate(pipe, real, eval_prompts, settings)
             record["fp8_real"] = {"gemm": "torch._scaled_mm", "latents_rel_error": _rel(latents, base_latents),
                                   "psnr_db": psnr(frames, base_frames), "seconds_per_forward": step}
+            if accuracy is not None:
+                record["fp8_real"]["accuracy"] = _swap(pipe, real, lambda: accuracy(pipe))
         except Exception as exc:  # e.g. no FP8 GEMM on this GPU / build
             record["fp8_real"] = {"error": f"{type(exc).__name__}: {exc}"}
     return record  # the copies are freed with this frame
@@ -214,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=200.0, help="seconds; cases that would start later are skipped")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps: checks the script itself")
     parser.add_argument("--models", default="tiny,demo,2b-width", help="comma list among tiny, demo, 2b-width")
+    parser.add_argument("--demo", default="engine/weights/demo", help="trained demo pipeline folder (or preset name)")
+    parser.add_argument("--demo-cases", type=int, default=16, help="held-out prompts scored for colour/motion accuracy")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     result: dict = {"version": RESULT_VERSION, "what": "quantization quality against bf16", "smoke": args.smoke,
@@ -227,7 +258,6 @@ def main(argv=None) -> int:
         from engine.pipeline import VideoPipeline
         from engine.presets import TransformerConfig, get_preset
         from quantization.calibration import DEFAULT_PROMPTS, TINY_PROMPTS
-        from quantization.policy import LayerPolicy
     except Exception as exc:
         result["error"] = f"import failed: {type(exc).__name__}: {exc}"
         _write(args.out, result)
@@ -259,19 +289,31 @@ def main(argv=None) -> int:
 
     cases = []
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-    tiny_policy = LayerPolicy(keep_first_blocks=1, keep_last_blocks=0)  # tiny has two blocks
     if "tiny" in wanted:
         s = Settings(2, 9, None, None) if args.smoke else Settings(None, None, None, None)
         prompts = TINY_PROMPTS
-        cases.append(("tiny", tiny_pipe, s, prompts[:1] if args.smoke else prompts[:-2], prompts[-1:] if args.smoke else prompts[-2:], tiny_policy))
+        cases.append(("tiny", tiny_pipe, s, prompts[:1] if args.smoke else prompts[:-2], prompts[-1:] if args.smoke else prompts[-2:], None))
+    accuracies = {}
     if "demo" in wanted and not args.smoke:
-        if get_preset("demo") is not None:
-            def demo_pipe():
-                return VideoPipeline.from_pretrained("demo", device=device, dtype=dtype)
+        source = args.demo if (get_preset(args.demo) is not None or Path(args.demo).is_dir()) else None
+        if source is not None:
+            from training import data as demo_data
+            from training.evaluate import evaluate_pipeline
 
-            cases.append(("demo", demo_pipe, Settings(None, None, None, None), TINY_PROMPTS[:-2], TINY_PROMPTS[-2:], None))
+            def demo_pipe(source=source):
+                return VideoPipeline.from_pretrained(source, device=device, dtype=dtype)
+
+            train = [c.prompt for c in demo_data.sample_cases(8, torch.Generator().manual_seed(0), "train")]
+            held_out = demo_data.held_out_cases()[: args.demo_cases]
+
+            def demo_accuracy(pipe, cases=held_out):
+                r = evaluate_pipeline(pipe, cases, batch=len(cases))
+                return {"colour_accuracy": r["colour_accuracy"], "motion_accuracy": r["motion_accuracy"], "clips": r["clips"]}
+
+            accuracies["demo"] = demo_accuracy
+            cases.append(("demo", demo_pipe, Settings(None, None, None, None), train, [c.prompt for c in held_out[:2]], None))
         else:
-            result["notes"].append("no demo preset in this build: trained-weight rows not measured")
+            result["notes"].append(f"no trained demo model at {args.demo}: trained-weight rows not measured")
     if "2b-width" in wanted and not args.smoke and cuda:
         cases.append(("2b-width", wide_pipe, Settings(4, 17, 256, 256), DEFAULT_PROMPTS[:2], DEFAULT_PROMPTS[-1:], None))
 
@@ -286,10 +328,11 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             try:
+                accuracy = accuracies.get(name)
                 if pipe is None:
                     pipe = make_pipe()
-                    baseline = generate(pipe, pipe.transformer, evals, settings)
-                record = run_case(name, pipe, precision, settings, calib, evals, baseline, policy)
+                    baseline = generate(pipe, pipe.transformer, evals, settings) + (accuracy(pipe) if accuracy else None,)
+                record = run_case(name, pipe, precision, settings, calib, evals, baseline, policy, accuracy)
                 record["status"] = "ok"
             except Exception as exc:
                 record = {"model": name, "precision": precision, "status": "error",

@@ -166,3 +166,51 @@ def test_bf16_engine_builds_runs_and_matches_pytorch(tmp_path):
         out = choice.module(x, ctx, t, mask).float()
     assert choice.module.engine_calls == 1
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+
+
+class _TorchRunner:
+    """Stands in for EngineRunner where TensorRT is absent: serves one static shape bucket by running the PyTorch
+    transformer, so TRTDenoiser's dispatch and its fit in the pipeline are exercised for real."""
+
+    def __init__(self, transformer, shapes, precision="bf16"):
+        inputs = {k: {"shape": list(v), "dtype": "float32"} for k, v in shapes.items()}
+        self.sidecar = _sidecar(precision=precision, inputs=inputs)
+        self.device = transformer.device
+        self.transformer = transformer
+        self.calls = 0
+
+    def accepts(self, tensors):
+        return all(tuple(tensors[k].shape) == tuple(v["shape"]) for k, v in self.sidecar.inputs.items())
+
+    def run(self, tensors):
+        self.calls += 1
+        return self.transformer(*(tensors[k] for k in trt.INPUT_ORDER))
+
+
+def test_trt_denoiser_runs_matching_calls_in_the_pipeline_and_falls_back_otherwise(pipes):
+    from engine.types import GenerationParams
+    from quantization.onnx_export import StepShapes
+
+    pipe, _ = pipes
+    params = GenerationParams(prompt="a red ball moving left", frames=9, steps=2, seed=3)
+    reference = [c.frames for c in pipe.generate(params)]
+    text_len = pipe.text_encoder.encode(["x"])[0].shape[1]
+    bucket = StepShapes.for_video(pipe.transformer.config, 64, 64, 9, text_len).inputs()
+    runner = _TorchRunner(pipe.transformer, bucket)
+    denoiser = trt.TRTDenoiser([runner], pipe.transformer.config, fallback=pipe.transformer, dtype=pipe.dtype)
+    original = pipe.transformer
+    pipe.transformer = denoiser
+    try:
+        got = [c.frames for c in pipe.generate(params)]
+        assert runner.calls == 2 and denoiser.fallback_calls == 0  # both CFG steps through the engine
+        assert all((a == b).all() for a, b in zip(got, reference))
+        list(pipe.generate(GenerationParams(prompt="a red ball", frames=13, steps=1)))  # another bucket
+        assert runner.calls == 2 and denoiser.fallback_calls == 1
+        bare = trt.TRTDenoiser([runner], original.config, fallback=None)
+        pipe.transformer = bare
+        with pytest.raises(EngineMismatch, match="build-engine --height H --width W --frames N"):
+            list(pipe.generate(GenerationParams(prompt="a red ball", frames=13, steps=1)))
+    finally:
+        pipe.transformer = original
+    with pytest.raises(EngineMismatch, match="several precisions"):
+        trt.TRTDenoiser([runner, _TorchRunner(original, bucket, "fp8")], original.config)
