@@ -56,6 +56,72 @@ def stream_once(pipe, blocks: int, block_latent: int, budget: Budget | None, res
     return summarize_blocks(rows, blocks, stopped_early, pipe.last_state_bytes)
 
 
+def stream_overlapped(pipe, blocks: int, block_latent: int, budget: Budget | None, reserve_s: float = 0.0) -> dict:
+    """The stream of ``VideoPipeline._generate_stream`` (same schedule, commit and decode), restructured so block b's
+    VAE decode and host copy run on a second CUDA stream while block b+1 is denoised; noise is drawn on the GPU.
+
+    An experiment for the pipeline: the transformer alone leaves the GPU idle during decoding and the reverse.
+    """
+    from engine.pipeline import shifted_sigma
+    from engine.state import BlockState
+    from engine.types import GenerationParams
+    from engine.vae import StreamingDecoder, to_uint8_frames
+
+    params = pipe.resolve(GenerationParams(prompt=PROMPT, frames=(blocks * block_latent - 1) * 4 + 1, seed=0))
+    timer = pipe.transformer
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    gen = torch.Generator(device=pipe.device).manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t_start = t_prev = now()
+    emb, mask = pipe._encode_prompt(params, cfg=False)
+    shape = pipe._latent_shape(params, block_latent)
+    state = BlockState.for_model(pipe.transformer, 1, shape[3], shape[4])
+    decoder = StreamingDecoder(pipe.vae)
+    sigmas = [shifted_sigma(t, pipe.preset.stream_shift) for t in pipe.stream_timesteps(params.steps)]
+    rows, pending, stopped_early = [], None, False
+
+    def collect(item):
+        nonlocal t_prev
+        index, pixels, n_forwards = item
+        with torch.cuda.stream(side):
+            frames = to_uint8_frames(pixels)  # waits for this block's decode only, not for the denoising
+        t = now()
+        dit = timer.take() if isinstance(timer, TimedModule) else []
+        rows.append({"block": index, "frames": int(frames.shape[0]), "t_s": round(t - t_start, 4),
+                     "latency_s": round(t - t_prev, 4), "transformer_s": round(sum(dit), 4), "forwards": len(dit),
+                     "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 4),
+                     "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 4),
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 4)})
+        torch.cuda.reset_peak_memory_stats()
+        t_prev = t
+
+    for b in range(blocks):
+        x = torch.randn(shape, generator=gen, device=pipe.device)
+        x0 = x
+        for i, sigma in enumerate(sigmas):
+            v = pipe._velocity(x, sigma * 1000.0, emb, mask, 1.0, False, state=state)
+            x0 = x - sigma * v
+            if i + 1 < len(sigmas):
+                x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(shape, generator=gen, device=pipe.device)
+        pipe._velocity(x0, 0.0, emb, mask, 1.0, False, state=state, commit=True)
+        latents = x0.to(pipe.dtype)
+        if pending is not None:
+            collect(pending)  # block b-1's frames: decoded while block b was denoised
+            if budget is not None and not budget.allows(reserve_s + 2 * rows[-1]["latency_s"]):
+                stopped_early = True
+                pending = None
+                break
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            latents.record_stream(side)
+            pending = (b, decoder.decode_block(latents), len(sigmas) + 1)
+    if pending is not None:
+        collect(pending)
+    torch.cuda.synchronize()
+    return summarize_blocks(rows, blocks, stopped_early, state.nbytes())
+
+
 def summarize_blocks(rows: list[dict], blocks_requested: int, stopped_early: bool, state_bytes: int) -> dict:
     out = {"blocks_requested": blocks_requested, "blocks_done": len(rows), "stopped_early": stopped_early,
            "state_mib": round(state_bytes / 2**20, 2), "blocks": rows}
@@ -139,6 +205,16 @@ def main(argv=None) -> int:
         return run
 
     run_case(results, "fast_bf16", fast_case(False), budget, needs_s=90)
+    if not smoke:  # two CUDA streams
+        def overlapped():
+            model = optimize(_clone(reference), compile=True, compile_backend=backend)  # compiled graphs cached
+            pipe.transformer = TimedModule(model)
+            stream_overlapped(pipe, 1, block_latent, None)
+            row = stream_overlapped(pipe, blocks, block_latent, budget, reserve_s=5)
+            pipe.transformer = reference
+            return row
+        run_case(results, "fast_bf16_overlapped_decode", overlapped, budget, needs_s=45,
+                 note="experiment: decode of block b on a second CUDA stream during block b+1 (pipeline change)")
     if args.fp8:
         run_case(results, "fast_fp8", fast_case(True), budget, needs_s=90)
     if args.reference_blocks:

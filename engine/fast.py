@@ -28,7 +28,7 @@ from torch import nn
 from engine.kernels import linear_attention as la
 from engine.kernels import mixffn
 from engine.kernels.fp8 import FP8Linear, fp8_supported
-from engine.model import LINEAR_ATTENTION_EPS, SanaVideoTransformer, TransformerBlock
+from engine.model import LINEAR_ATTENTION_EPS, RotaryPosEmbed, SanaVideoTransformer, TransformerBlock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +229,11 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
     for i, block in enumerate(model.transformer_blocks):
         if isinstance(block, TransformerBlock):
             model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels)
+    # RoPE tables in fp32 whatever the weights' dtype: casting the model to bf16 rounds every cos/sin to 8 bits,
+    # an error the kernels (which rotate in fp32) need not inherit. Rebuilt, since the cast already rounded them.
+    cfg = model.config
+    if model.rope.freqs_cos.dtype != torch.float32:
+        model.rope = RotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).to(model.device)
     if compile:
         compile_blocks(model, mode=compile_mode, backend=compile_backend)
     model.fast_settings = FastSettings(kernels=kernels, fp8=fp8, compile=compile, compile_mode=compile_mode,

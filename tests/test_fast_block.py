@@ -124,6 +124,24 @@ def test_blocks_share_one_compiled_graph():
         assert counters["stats"]["unique_graphs"] == 2  # + the stream variant (commit happens outside)
 
 
+def test_rope_tables_stay_fp32_in_a_bf16_model():
+    """A bf16 cast rounds the RoPE tables; the fast model rebuilds them in fp32 (closer to the fp32 reference)."""
+    config = CONFIGS["tiny"]
+    torch.manual_seed(0)
+    ref32 = SanaVideoTransformer(config).eval()
+    ref16 = copy.deepcopy(ref32).bfloat16()
+    fast = optimize(copy.deepcopy(ref16), compile=False)
+    assert ref16.rope.freqs_cos.dtype == torch.bfloat16
+    assert fast.rope.freqs_cos.dtype == torch.float32
+    assert torch.equal(fast.rope.freqs_cos, ref32.rope.freqs_cos)
+    x, text, t, mask = inputs(config)
+    with torch.no_grad():
+        expected = ref32(x, text, t, mask)
+        err_fast = rel_err(fast(x.bfloat16(), text.bfloat16(), t, mask), expected)
+        err_ref = rel_err(ref16(x.bfloat16(), text.bfloat16(), t, mask), expected)
+    assert err_fast < 0.05 and err_fast < 1.5 * err_ref
+
+
 def test_fp8_linears_close_to_full_precision():
     config = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=32,
                                  num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
