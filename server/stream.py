@@ -197,14 +197,14 @@ class Viewer:
         last_id: bytes | str = "0-0"
         while True:
             reply = await self.ar.xread({key: last_id}, count=_READ_COUNT, block=_BLOCK_MS)
-            if not reply:
-                record = await self.record()
-                if record is None:
+            if not reply:  # nothing new for a second: has the job ended and its stream expired meanwhile?
+                status = await self.ar.hget(jobs.job_key(self.job_id), "status")
+                if status is None:
                     await self.send_event({"type": "error", "status": "expired",
                                            "error": {"type": "Expired", "message": "the job record expired"}})
                     return
-                if record["status"] in TERMINAL and not await self.ar.exists(key):
-                    await self.finish_from_record(record)
+                if status.decode() in TERMINAL and not await self.ar.exists(key):
+                    await self.finish_from_record(await self.record())
                     return
                 continue
             progress = None

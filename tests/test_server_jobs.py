@@ -245,6 +245,13 @@ def test_stream_over_websocket_with_reconnect_and_replay(stack, services):
     assert [e["index"] for e, _ in replay if e["type"] == "chunk"] == [0, 1, 2, 3, 4]
     replayed = b"".join(d for e, d in replay if d is not None)
     assert replayed == video
+    # Once the stream has expired (deleted here, as its TTL would), the record and the file still replay it.
+    r = services.redis.client()
+    r.delete(f"sana:job:{job_id}:stream")
+    r.close()
+    expired = read_stream(stack.url, job_id)
+    assert [e["index"] for e, _ in expired if e["type"] == "chunk"] == [0, 1, 2, 3, 4]
+    assert expired[-1][0]["type"] == "done" and b"".join(d for e, d in expired if d is not None) == video
     late = read_stream(stack.url, job_id, from_chunk=4)
     assert [e["index"] for e, _ in late if e["type"] == "chunk"] == [4]
     assert len(decode_mp4(b"".join(d for e, d in late if d is not None))) == 12
