@@ -1,7 +1,7 @@
 #!/bin/sh
 # GPU worker container: with no arguments, run one worker on the container's GPU; with arguments, run them.
 # The compose file reserves one GPU per worker service, so inside the container it is always cuda:0.
-# SANA_WORKER_ENGINE names a TensorRT engine folder built on this GPU (`sana-video build-engine`), if any.
+# The worker reads the rest of its settings (SANA_WORKER_ENGINE, limits, Redis) from the environment itself.
 set -eu
 
 # NVIDIA's base images prepare the CUDA environment in their own entrypoint (driver checks, forward
@@ -15,11 +15,8 @@ fi
 if [ "$#" -gt 0 ]; then
   exec "$@"
 fi
-set -- --model "${SANA_MODEL:?set SANA_MODEL to the model this worker serves}" \
+exec sana-video worker \
+  --model "${SANA_MODEL:?set SANA_MODEL to the model this worker serves}" \
   --device "${SANA_WORKER_DEVICE:-cuda:0}" \
   --precision "${SANA_WORKER_PRECISION:-auto}" \
   --metrics-port "${SANA_WORKER_METRICS_PORT:-9101}"
-if [ -n "${SANA_WORKER_ENGINE:-}" ]; then
-  set -- "$@" --engine "$SANA_WORKER_ENGINE"
-fi
-exec sana-video worker "$@"
