@@ -137,7 +137,8 @@ class JobView(BaseModel):
 class WorkerInfo(BaseModel):
     name: str
     device: str
-    precision: str
+    precision: str = Field(description="What runs the denoiser: torch, or a TensorRT engine precision.")
+    precision_requested: str | None = None
     dtype: str | None = None
     host: str | None = None
     busy: bool = False

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Precision = Literal["auto", "bf16", "fp8", "nvfp4"]
+Precision = Literal["auto", "torch", "nvfp4", "fp8", "bf16"]
 
 
 class Settings(BaseSettings):
@@ -58,7 +58,14 @@ class Settings(BaseSettings):
         description="Worker heartbeat period. A worker silent for 3 periods is dead: its job is re-queued once.",
     )
     worker_device: str | None = Field(None, description="Default worker device (cuda:N or cpu); auto when unset.")
-    worker_precision: Precision = Field("auto", description="Default worker precision: auto, bf16, fp8 or nvfp4.")
+    worker_precision: Precision = Field(
+        "auto",
+        description="Default worker denoiser: auto (the best TensorRT engine this GPU can run, else torch), torch, "
+        "or an engine precision (nvfp4, fp8, bf16; needs the worker's --engine folder).",
+    )
+    worker_engine: str | None = Field(
+        None, description="Default folder of the worker's TensorRT engines (what --engine gives one worker)."
+    )
     worker_metrics_port: int = Field(
         9101, ge=0, le=65535, description="Port of a worker's Prometheus /metrics; 0 turns it off."
     )

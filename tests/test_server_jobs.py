@@ -43,6 +43,8 @@ def test_models_list_live_workers_with_limits(stack):
     assert set(models) == {"tiny", "tiny-causal"}
     assert models["tiny"]["causal"] is False and models["tiny-causal"]["causal"] is True
     assert models["tiny"]["workers"][0]["device"] == "cpu"
+    assert models["tiny"]["precision"] == ["torch"]  # auto, with no TensorRT engine: the PyTorch denoiser
+    assert models["tiny"]["workers"][0]["precision_requested"] == "auto"
     assert models["tiny"]["limits"]["max_pixels"] == 256 * 256
     assert models["tiny-causal"]["defaults"]["mode"] == "stream"
     ready = stack.client.get("/readyz")

@@ -34,23 +34,27 @@ class Engine:
     pipe: Any  # engine.pipeline.VideoPipeline
     worker_name: str
     device: str
-    precision: str
+    precision: str  # what runs the denoiser: "torch" or an engine precision (nvfp4, fp8, bf16)
+    engines: tuple[str, ...] = ()  # TensorRT engine folders in use
 
 
 _engine: Engine | None = None
 
 
-def load_engine(model: str, device: str, precision: str, worker_name: str) -> Engine:
-    """Load the pipeline once for the life of the worker process."""
-    import torch
-
+def load_engine(model: str, device: str, precision: str, worker_name: str,
+                engine_path: str | None = None) -> Engine:
+    """Load the pipeline once for the life of the worker process, with the denoiser ``precision`` asks for:
+    "torch" (the PyTorch transformer), "nvfp4"/"fp8"/"bf16" (TensorRT engines under ``engine_path``), or "auto"
+    (the best this GPU and those engines allow, else torch). Raises engine errors that say what is missing."""
     from engine.pipeline import VideoPipeline
+    from engine.trt import load_denoiser
 
     global _engine
-    # bf16 is the only precision the pipeline takes as a dtype; "auto" keeps the engine's own choice.
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    pipe = VideoPipeline.from_pretrained(model, device=device, dtype=dtype)
-    _engine = Engine(pipe=pipe, worker_name=worker_name, device=str(pipe.device), precision=precision)
+    pipe = VideoPipeline.from_pretrained(model, device=device)
+    choice = load_denoiser(pipe, precision, engine_path)
+    pipe.transformer = choice.module
+    _engine = Engine(pipe=pipe, worker_name=worker_name, device=str(pipe.device), precision=choice.precision,
+                     engines=tuple(str(f) for f in choice.engines))
     # Everything alive now lives as long as the process: keep it out of the collector's way, so the
     # collection after each job (free_memory) takes microseconds instead of a second.
     gc.collect()

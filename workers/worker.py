@@ -117,8 +117,8 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
                engine_path: str | None = None, metrics_port: int | None = None, burst: bool = False) -> None:
     """Load ``model`` on ``device`` and serve its queue until stopped (Ctrl-C: finish the job, then exit).
 
-    ``burst`` exits once the queue is empty. ``engine_path`` (a prebuilt engine file) is recorded in the
-    worker's registration for operators; the pipeline is loaded from ``model``.
+    ``precision`` picks the denoiser (auto, torch, nvfp4, fp8, bf16; see ``engine.trt.load_denoiser``), from the
+    TensorRT engines under ``engine_path`` for the engine precisions. ``burst`` exits once the queue is empty.
     """
     import torch
 
@@ -126,6 +126,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = model or settings.model
     precision = precision or settings.worker_precision
+    engine_path = engine_path or settings.worker_engine
     device = pick_device(device or settings.worker_device)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # pin this process to one GPU
@@ -134,20 +135,19 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     # /metrics answers while the model loads (container healthchecks); the heartbeat gauge starts after.
     metrics.serve_metrics(settings.worker_metrics_port if metrics_port is None else metrics_port)
     log.info("loading %s on %s (precision %s)", model, device, precision)
-    engine = tasks.load_engine(model, device, precision, name)
+    engine = tasks.load_engine(model, device, precision, name, engine_path)
     pipe = engine.pipe
-    if precision in ("fp8", "nvfp4"):
-        log.warning("precision %s is recorded in this worker's registration; its pipeline computes in %s%s",
-                    precision, pipe.dtype, f" (engine file {engine_path} not loaded here)" if engine_path else "")
+    log.info("denoiser: %s%s", engine.precision, f" ({', '.join(engine.engines)})" if engine.engines else "")
 
     models = list(dict.fromkeys([pipe.name, canonical_model(model)]))
     defaults = pipe.resolve(GenerationParams(prompt="defaults")).to_dict()
     info = {
         "model": pipe.name,
         "device": engine.device,
-        "precision": precision,
+        "precision": engine.precision,
+        "precision_requested": precision,
         "dtype": str(pipe.dtype).removeprefix("torch."),
-        "engine_path": engine_path,
+        "engines": list(engine.engines),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "causal": bool(pipe.causal),
