@@ -234,6 +234,16 @@ def evaluate_pipeline(pipe, cases: list[data.Case] | None = None, seeds: list[in
     return result
 
 
+def measure_blocks(blocks: list[np.ndarray]) -> list[Measurement]:
+    """One measurement per decoded block; each block is preceded by the previous block's last frame, so the step
+    across every block boundary counts too."""
+    out, previous = [], None
+    for frames in blocks:
+        out.append(measure(frames if previous is None else np.concatenate([previous, frames])))
+        previous = frames[-1:]
+    return out
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -252,9 +262,8 @@ def stream_consistency(pipe, case: data.Case, seconds: float = 60.0, seed: int =
     blocks, rss, state_bytes, previous = [], [], set(), None
     start = time.perf_counter()
     for chunk in pipe.generate(params):
-        # The previous block's last frame joins each block so that its first step counts too.
-        video = chunk.frames if previous is None else np.concatenate([previous, chunk.frames])
-        m = measure(video)
+        # As measure_blocks: the previous block's last frame joins each block.
+        m = measure(chunk.frames if previous is None else np.concatenate([previous, chunk.frames]))
         blocks.append({"index": chunk.index, "frames": chunk.num_frames, **m.to_dict()})
         previous = chunk.frames[-1:]
         rss.append(_rss_bytes())
