@@ -258,8 +258,8 @@ def readyz(r: RedisDep, settings: SettingsDep):
 @router.get("/metrics", tags=["service"], response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
 def prometheus_metrics(r: RedisDep, settings: SettingsDep) -> Response:
-    try:
-        for name in served_model_names(served_models(r), settings):
+    try:  # every queue, including a model whose workers are all gone (its jobs wait: the dashboard shows it)
+        for name in sorted(set(jobs.queued_models(r)) | set(served_model_names(served_models(r), settings))):
             metrics.QUEUE_DEPTH.labels(name).set(jobs.queue_depth(r, name))
     except redis.RedisError:
         pass  # the process metrics still matter when Redis is down
