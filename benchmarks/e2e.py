@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         return run
 
     for name in args.cases.split(","):
-        run_case(results, name, case(name == "fp8"), budget, needs_s=60)
+        run_case(results, name, case(name == "fp8"), budget, needs_s=35)
 
     targets = {}
     for name, limit in TARGETS.items():

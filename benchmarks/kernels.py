@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             out["fp8_matmul_tflops"] = round(2 * m**3 / s / 1e12, 1)
         return out
 
-    run_case(results, "ceilings", ceilings, budget, 10)
+    run_case(results, "ceilings", ceilings, budget, 5)
 
     q, k, v = rnd(B, N, C, positive=True), rnd(B, N, C, positive=True), rnd(B, N, C)
     ang = torch.rand(N, d // 2, generator=g) * 6.28
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                    apply_gbps=round(2 * B * N * C * esize / t_apply / 1e9, 1))
         return row
 
-    run_case(results, "linear_attention", attention, budget, 15)
+    run_case(results, "linear_attention", attention, budget, 8)
 
     e = rnd(B * Fr, H, W, 2 * hidden)
     w_dw = (torch.randn(2 * hidden, 1, 3, 3, generator=g) / 3).to(device, dt)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                    without_activation_s=t_noact)
         return row
 
-    run_case(results, "dwconv_glu", mix_ffn, budget, 15)
+    run_case(results, "dwconv_glu", mix_ffn, budget, 8)
 
     def fp8_linear():
         rows = {}
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             rows[name] = row
         return rows
 
-    run_case(results, "linear_bf16_vs_fp8", fp8_linear, budget, 15)
+    run_case(results, "linear_bf16_vs_fp8", fp8_linear, budget, 8)
 
     print(f"\n== {results.path.name} on {results.doc['environment'].get('gpu')} ==")
     for c in results.doc["cases"]:

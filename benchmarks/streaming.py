@@ -204,7 +204,7 @@ def main(argv=None) -> int:
             return row
         return run
 
-    run_case(results, "fast_bf16", fast_case(False), budget, needs_s=90)
+    run_case(results, "fast_bf16", fast_case(False), budget, needs_s=40)
     if not smoke:  # two CUDA streams
         def overlapped():
             model = optimize(_clone(reference), compile=True, compile_backend=backend)  # compiled graphs cached
@@ -213,17 +213,17 @@ def main(argv=None) -> int:
             row = stream_overlapped(pipe, blocks, block_latent, budget, reserve_s=5)
             pipe.transformer = reference
             return row
-        run_case(results, "fast_bf16_overlapped_decode", overlapped, budget, needs_s=45,
+        run_case(results, "fast_bf16_overlapped_decode", overlapped, budget, needs_s=25,
                  note="experiment: decode of block b on a second CUDA stream during block b+1 (pipeline change)")
     if args.fp8:
-        run_case(results, "fast_fp8", fast_case(True), budget, needs_s=90)
+        run_case(results, "fast_fp8", fast_case(True), budget, needs_s=40)
     if args.reference_blocks:
         def run_reference():
             pipe.transformer = TimedModule(reference)
             row = stream_once(pipe, args.reference_blocks, block_latent, budget)
             pipe.transformer = reference
             return row
-        run_case(results, "reference_eager", run_reference, budget, needs_s=15)
+        run_case(results, "reference_eager", run_reference, budget, needs_s=12)
     free_memory()
 
     fast = results.case("fast_bf16") or {}

@@ -37,17 +37,17 @@ from benchmarks.common import (
 
 # (latent frames, latent height, latent width): 81 frames, 8x spatial VAE.
 RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "smoke": (5, 8, 12)}
-DEFAULT_CASES = {
-    "480p": ["fp32_reference", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fp8_compiled",
-             "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph", "ours_fp8_cudagraph",
-             "diffusers_fp32"],
-    "720p": ["fp32_reference", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fp8_compiled",
-             "ours_reference_eager"],
+DEFAULT_CASES = {  # run in this order; errors against fp32 are filled in whenever the reference has run
+    "480p": ["fp32_reference", "diffusers_fp32", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled",
+             "ours_fp8_compiled", "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph",
+             "ours_fp8_cudagraph"],
+    "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fp8_compiled", "fp32_reference",
+             "ours_reference_eager", "ours_fast_cudagraph"],
 }
 # Rough seconds each case needs (compile included) on an H100, to skip what the budget cannot hold.
-NEEDS_S = {"fp32_reference": 20, "diffusers_eager": 10, "diffusers_compiled": 90, "ours_fast_compiled": 60,
-           "ours_fp8_compiled": 60, "ours_reference_eager": 10, "ours_fast_eager": 10, "ours_fast_cudagraph": 15,
-           "ours_fp8_cudagraph": 15, "diffusers_fp32": 20}
+NEEDS_S = {"fp32_reference": 15, "diffusers_fp32": 10, "diffusers_eager": 8, "diffusers_compiled": 50,
+           "ours_fast_compiled": 40, "ours_fp8_compiled": 40, "ours_reference_eager": 8, "ours_fast_eager": 8,
+           "ours_fast_cudagraph": 10, "ours_fp8_cudagraph": 10}
 
 
 def main(argv=None) -> int:
@@ -92,102 +92,116 @@ def main(argv=None) -> int:
           f"budget {budget.left():.0f}s", flush=True)
 
     x, text, t, mask = transformer_inputs(config, batch, frames, lat_h, lat_w, text_len, device, torch.float32)
-    diffusers_model, ours = build_pair(config, device)
-    outputs: dict[str, torch.Tensor] = {}
+    diffusers32, ours32 = build_pair(config, device)
+    bf = torch.bfloat16
+    xb, textb = x.to(bf), text.to(bf)
+    models: dict = {}
 
-    def timed(name, fn, model, *, precision="bf16", compare_to=("fp32_reference",), extra=None):
+    def model(name):
+        """Models made on first use: diffusers and ours in bf16 (converted copies), fast, FP8 (each compiled)."""
+        if name not in models:
+            if name == "diffusers":
+                models[name] = clone_as(diffusers32, bf)
+            elif name == "ours":
+                models[name] = clone_as(ours32, bf)
+            elif name == "fast":
+                models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend)
+            elif name == "fp8":
+                models[name] = optimize(clone_as(ours32, bf), fp8=True, compile=True, compile_backend=backend)
+            elif name == "fast_eager":
+                models[name] = optimize(clone_as(ours32, bf), compile=False)
+        return models[name]
+
+    outputs: dict[str, torch.Tensor] = {}
+    ERR_REFS = {"ours_fp8_compiled": ("ours_fast_compiled",), "ours_fp8_cudagraph": ("ours_fast_compiled",)}
+
+    def timed(name, fn, owner, precision="bf16", note=None):
         def run():
             with torch.inference_mode(), peak_memory(device) as mem:
-                timing = time_calls(fn, iters=iters, warmup=warmup if "compiled" not in name else 2, device=device)
-            out = timing.pop("output")
-            outputs[name] = out.detach().float()
+                timing = time_calls(fn, iters=iters, warmup=2 if "compiled" in name else warmup, device=device)
+            outputs[name] = timing.pop("output").detach().float()
             step = timing["median_s"]
             tflops = flops["matmul_flop"] / step / 1e12
-            row = {"s_per_step": step, **timing, **mem, "weights_gib": weights_gib(model),
+            row = {"s_per_step": step, **timing, **mem, "weights_gib": weights_gib(model(owner)),
                    "tflops": round(tflops, 1), "mfu": round(tflops / H100_PEAK_TFLOPS[precision], 3),
                    "mfu_basis": f"H100 SXM dense {precision} {H100_PEAK_TFLOPS[precision]} TFLOP/s"}
-            for ref in compare_to:
+            for ref in ("fp32_reference", *ERR_REFS.get(name, ())):
                 if ref in outputs:
                     row[f"rel_err_vs_{ref}"] = rel_err(outputs[name], outputs[ref])
-            row.update(extra or {})
+            if note:
+                row["note"] = note
             return row
         return run
 
-    bf = torch.bfloat16
-    xb, textb = x.to(bf), text.to(bf)
-
-    # fp32 reference first: every error below is measured against it.
-    if "fp32_reference" in cases or "diffusers_fp32" in cases:
-        def fp32_reference():
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+    def fp32_reference():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        try:
             with torch.inference_mode():
-                timing = time_calls(lambda: ours(x, text, t, mask), iters=1, warmup=0, device=device)
-            outputs["fp32_reference"] = timing.pop("output").float()
-            return {"s_per_step": timing["median_s"], "note": "ours, fp32, TF32 off"}
-        run_case(results, "fp32_reference", fp32_reference, budget, NEEDS_S["fp32_reference"])
-    if "diffusers_fp32" in cases:
+                timing = time_calls(lambda: ours32(x, text, t, mask), iters=1, warmup=0, device=device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        outputs["fp32_reference"] = timing.pop("output").float()
+        # Cases that ran before the reference get their errors now.
+        for c in results.doc["cases"]:
+            if c["name"] in outputs and "rel_err_vs_fp32_reference" not in c and c["name"] != "fp32_reference":
+                c["rel_err_vs_fp32_reference"] = rel_err(outputs[c["name"]], outputs["fp32_reference"])
+        return {"s_per_step": timing["median_s"], "note": "ours, fp32, TF32 off"}
+
+    def diffusers_fp32():
         # Same weights in diffusers' fp32 model: the two implementations agree on the GPU too.
-        def diffusers_fp32():
-            with torch.inference_mode():
-                out = diffusers_model(x, text, t, encoder_attention_mask=mask, return_dict=False)[0]
-            return {"rel_err_vs_fp32_reference": rel_err(out, outputs["fp32_reference"])}
-        run_case(results, "diffusers_fp32", diffusers_fp32, budget, NEEDS_S["diffusers_fp32"])
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-    diffusers_model.to(bf)
-    ours = ours.to(bf)
-    free_memory()
+        with torch.inference_mode():
+            out = diffusers32(x, text, t, encoder_attention_mask=mask, return_dict=False)[0]
+        row = {}
+        if "fp32_reference" in outputs:
+            row["rel_err_vs_fp32_reference"] = rel_err(out, outputs["fp32_reference"])
+        return row
 
     def diffusers_call():
-        return diffusers_model(xb, textb, t, encoder_attention_mask=mask, return_dict=False)[0]
+        return model("diffusers")(xb, textb, t, encoder_attention_mask=mask, return_dict=False)[0]
 
-    if "diffusers_eager" in cases:
-        run_case(results, "diffusers_eager", timed("diffusers_eager", diffusers_call, diffusers_model), budget,
-                 NEEDS_S["diffusers_eager"])
-    if "diffusers_compiled" in cases:
-        compile_diffusers_blocks(diffusers_model, backend=backend)
-        run_case(results, "diffusers_compiled", timed("diffusers_compiled", diffusers_call, diffusers_model), budget,
-                 NEEDS_S["diffusers_compiled"])
-    del diffusers_model
-    free_memory()
+    def diffusers_compiled():
+        compile_diffusers_blocks(model("diffusers"), backend=backend)
+        return timed("diffusers_compiled", diffusers_call, "diffusers")()
 
-    fast = None
-    if "ours_fast_compiled" in cases or "ours_fast_cudagraph" in cases:
-        fast = optimize(clone_as(ours, bf), compile=True, compile_backend=backend)
-        run_case(results, "ours_fast_compiled",
-                 timed("ours_fast_compiled", lambda: fast(xb, textb, t, mask), fast), budget,
-                 NEEDS_S["ours_fast_compiled"])
-    fp8 = None
-    if "ours_fp8_compiled" in cases or "ours_fp8_cudagraph" in cases:
-        fp8 = optimize(clone_as(ours, bf), fp8=True, compile=True, compile_backend=backend)
-        run_case(results, "ours_fp8_compiled",
-                 timed("ours_fp8_compiled", lambda: fp8(xb, textb, t, mask), fp8, precision="fp8",
-                       compare_to=("fp32_reference", "ours_fast_compiled")), budget, NEEDS_S["ours_fp8_compiled"])
-    if "ours_reference_eager" in cases:
-        run_case(results, "ours_reference_eager",
-                 timed("ours_reference_eager", lambda: ours(xb, textb, t, mask), ours), budget,
-                 NEEDS_S["ours_reference_eager"])
-    if "ours_fast_eager" in cases:
-        eager = optimize(clone_as(ours, bf), compile=False)
-        run_case(results, "ours_fast_eager", timed("ours_fast_eager", lambda: eager(xb, textb, t, mask), eager),
-                 budget, NEEDS_S["ours_fast_eager"], note="Triton kernels, no torch.compile")
-        del eager
-    if not smoke:  # CUDA graphs need CUDA
-        if "ours_fast_cudagraph" in cases and fast is not None:
-            graphed = GraphedTransformer(fast)
-            run_case(results, "ours_fast_cudagraph",
-                     timed("ours_fast_cudagraph", lambda: graphed(xb, textb, t, mask), fast), budget,
-                     NEEDS_S["ours_fast_cudagraph"])
-            del graphed
-        if "ours_fp8_cudagraph" in cases and fp8 is not None:
-            graphed = GraphedTransformer(fp8)
-            run_case(results, "ours_fp8_cudagraph",
-                     timed("ours_fp8_cudagraph", lambda: graphed(xb, textb, t, mask), fp8, precision="fp8",
-                           compare_to=("fp32_reference", "ours_fast_compiled")), budget,
-                     NEEDS_S["ours_fp8_cudagraph"])
-            del graphed
+    def graphed(owner, name, precision):
+        def run():
+            g = GraphedTransformer(model(owner))
+            try:
+                return timed(name, lambda: g(xb, textb, t, mask), owner, precision)()
+            finally:
+                del g
+        return run
+
+    CASES = {
+        "fp32_reference": fp32_reference,
+        "diffusers_fp32": diffusers_fp32,
+        "diffusers_eager": timed("diffusers_eager", diffusers_call, "diffusers"),
+        "diffusers_compiled": diffusers_compiled,
+        "ours_fast_compiled": timed("ours_fast_compiled", lambda: model("fast")(xb, textb, t, mask), "fast"),
+        "ours_fp8_compiled": timed("ours_fp8_compiled", lambda: model("fp8")(xb, textb, t, mask), "fp8", "fp8"),
+        "ours_reference_eager": timed("ours_reference_eager", lambda: model("ours")(xb, textb, t, mask), "ours"),
+        "ours_fast_eager": timed("ours_fast_eager", lambda: model("fast_eager")(xb, textb, t, mask), "fast_eager",
+                                 note="Triton kernels, no torch.compile"),
+        "ours_fast_cudagraph": graphed("fast", "ours_fast_cudagraph", "bf16"),
+        "ours_fp8_cudagraph": graphed("fp8", "ours_fp8_cudagraph", "fp8"),
+    }
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+    for i, name in enumerate(cases):
+        if smoke and name.endswith("cudagraph"):
+            continue  # CUDA graphs need CUDA
+        run_case(results, name, CASES[name], budget, NEEDS_S[name])
+        later = cases[i + 1:]
+        # Free what no later case needs (fp32 diffusers after its check; diffusers after its cases).
+        if diffusers32 is not None and not any(c in later for c in ("diffusers_fp32", "diffusers_eager",
+                                                                     "diffusers_compiled")):
+            diffusers32 = None
+            models.pop("diffusers", None)
+            free_memory()
+    results.flush()
 
     summarize(results, args.resolution if not smoke else "smoke")
     print_report(results)

@@ -84,7 +84,7 @@ if triton is not None:
                      TOKENS_PER_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
         pid_bh = tl.program_id(0)
         chunk = tl.program_id(1)
-        b = pid_bh // HEADS
+        b = (pid_bh // HEADS).to(tl.int64)  # batch offsets can pass 2^31 elements
         h = pid_bh % HEADS
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -112,7 +112,7 @@ if triton is not None:
                       TOKENS_PER_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
         pid_bh = tl.program_id(0)
         chunk = tl.program_id(1)
-        b = pid_bh // HEADS
+        b = (pid_bh // HEADS).to(tl.int64)  # batch offsets can pass 2^31 elements
         h = pid_bh % HEADS
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D

@@ -75,7 +75,7 @@ if triton is not None:
                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         n_strips = tl.cdiv(H, ROWS)
         pid = tl.program_id(0)
-        img = pid // n_strips
+        img = (pid // n_strips).to(tl.int64)  # image offsets can pass 2^31 elements
         y0 = (pid % n_strips) * ROWS
         offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
