@@ -136,6 +136,41 @@ def main(argv=None) -> int:
 
     run_case(results, "linear_bf16_vs_fp8", fp8_linear, budget, 8)
 
+    def cross_attention():
+        """The text cross-attention as the block runs it (padding mask as an additive bias), per SDPA backend, and
+        unmasked flash attention over the same keys for scale (what dropping padded keys could give)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        L = 300 if not smoke else 12
+        qh = rnd(B, heads, N, d)
+        kh, vh = rnd(B, heads, L, d), rnd(B, heads, L, d)
+        bias = torch.zeros(B, 1, 1, L, device=device, dtype=dt)
+        bias[0, ..., L // 4:] = -10000.0
+        flop = 4 * B * heads * N * L * d
+        row = {}
+        backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                    "math": SDPBackend.MATH}
+        for name, backend in backends.items():
+            def call(backend=backend, mask=bias):
+                if backend is None:
+                    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+            try:
+                t = bench(call, device, iters=max(2, iters // 2))
+                row[f"{name}_masked_s"] = t
+                row[f"{name}_masked_tflops"] = round(flop / t / 1e12, 1)
+            except Exception as exc:  # noqa: BLE001 - a backend may not support this shape or mask
+                row[f"{name}_masked_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        try:
+            t = bench(lambda: F.scaled_dot_product_attention(qh, kh, vh), device, iters=max(2, iters // 2))
+            row.update(unmasked_default_s=t, unmasked_default_tflops=round(flop / t / 1e12, 1))
+        except Exception as exc:  # noqa: BLE001
+            row["unmasked_error"] = str(exc)[:200]
+        return row
+
+    run_case(results, "cross_attention_sdpa", cross_attention, budget, 8)
+
     print(f"\n== {results.path.name} on {results.doc['environment'].get('gpu')} ==")
     for c in results.doc["cases"]:
         print(c["name"], {k: v for k, v in c.items() if k not in ("name", "traceback")})
