@@ -70,8 +70,8 @@ async def stream_job(websocket: WebSocket, job_id: str,
     if owner is None:
         await _deny(websocket, 401, "missing or invalid API key")
         return
-    if (await ar.hget(jobs.job_key(job_id), "owner") or b"").decode() != owner or not await ar.exists(
-            jobs.job_key(job_id)):
+    job_owner = await ar.hget(jobs.job_key(job_id), "owner")  # None: no such job
+    if job_owner is None or job_owner.decode() != owner:
         await _deny(websocket, 404, f"no job {job_id}")
         return
     await websocket.accept()
