@@ -106,8 +106,8 @@ def models() -> None:
 
 @app.command()
 def api(
-    host: str = typer.Option("0.0.0.0", help="Bind address."),
-    port: int = typer.Option(8000, help="Port."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default: SANA_HOST or 0.0.0.0)."),
+    port: Optional[int] = typer.Option(None, help="Port (default: SANA_PORT or 8000)."),
 ) -> None:
     """Run the HTTP/websocket API (jobs go to Redis; workers run them)."""
     from server.app import run_api
@@ -119,7 +119,7 @@ def api(
 def worker(
     model: Optional[str] = typer.Option(None, help="Model to serve (default: SANA_MODEL)."),
     device: Optional[str] = typer.Option(None, help="Device to pin this worker to, e.g. cuda:0."),
-    precision: Optional[str] = typer.Option(None, help="bf16, fp8, nvfp4 or auto."),
+    precision: Optional[str] = typer.Option(None, help="auto, torch, bf16, fp8 or nvfp4 (TensorRT precisions need --engine)."),
     engine_path: Optional[str] = typer.Option(None, "--engine", help="A TensorRT engine folder to run the transformer."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Port of this worker's /metrics (0 = off)."),
     burst: bool = typer.Option(False, help="Exit when the queue is empty."),
@@ -137,8 +137,8 @@ def worker(
 
 @app.command()
 def serve(
-    host: str = typer.Option("0.0.0.0"),
-    port: int = typer.Option(8000),
+    host: Optional[str] = typer.Option(None, help="Bind address (default: SANA_HOST or 0.0.0.0)."),
+    port: Optional[int] = typer.Option(None, help="Port (default: SANA_PORT or 8000)."),
     model: Optional[str] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
 ) -> None:
