@@ -217,23 +217,36 @@ def tracks(scenes: Scenes, frames: int, start: int = 0) -> tuple[torch.Tensor, t
     return torch.remainder(x, SIZE), torch.remainder(y, SIZE)
 
 
-def _signed_distance(dx: torch.Tensor, dy: torch.Tensor, shape: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """Signed distance (pixels, negative inside) of points (dx, dy) from each scene's shape centred at 0."""
-    r = radius.view(-1, 1, 1, 1)
-    circle = torch.sqrt(dx * dx + dy * dy) - r
-    # Square of the circle's area: half side sqrt(pi)/2 * r.
+def _circle(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(dx * dx + dy * dy) - r
+
+
+def _square(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # Same area as the circle: half side sqrt(pi)/2 * r.
     qx, qy = dx.abs() - 0.886 * r, dy.abs() - 0.886 * r
-    square = torch.sqrt(qx.clamp(min=0) ** 2 + qy.clamp(min=0) ** 2) + torch.maximum(qx, qy).clamp(max=0)
-    # Equilateral triangle pointing up, centroid at 0, circumradius 1.3 r (exact distance, after Inigo Quilez).
+    return torch.sqrt(qx.clamp(min=0) ** 2 + qy.clamp(min=0) ** 2) + torch.maximum(qx, qy).clamp(max=0)
+
+
+def _triangle(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    # Equilateral, pointing up, centroid at 0, circumradius 1.3 r (exact distance, after Inigo Quilez).
     k = math.sqrt(3.0)
     half = 1.3 * r * k / 2
     px, py = dx.abs() - half, -dy + half / k
     fold = px + k * py > 0
     px, py = torch.where(fold, (px - k * py) / 2, px), torch.where(fold, (-k * px - py) / 2, py)
     px = px - torch.minimum(torch.maximum(px, -2 * half), torch.zeros_like(px))
-    triangle = -torch.sqrt(px * px + py * py) * torch.sign(py)
-    s = shape.view(-1, 1, 1, 1)
-    return torch.where(s == 0, circle, torch.where(s == 1, square, triangle))
+    return -torch.sqrt(px * px + py * py) * torch.sign(py)
+
+
+def _signed_distance(dx: torch.Tensor, dy: torch.Tensor, shape: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Signed distance (pixels, negative inside) [B, F, H, W] of offsets dx [B, F, 1, W], dy [B, F, H, 1] from each
+    scene's shape centred at 0."""
+    out = torch.empty(dx.shape[0], dx.shape[1], dy.shape[2], dx.shape[3], device=dx.device)
+    for index, fn in enumerate((_circle, _square, _triangle)):
+        rows = (shape == index).nonzero().squeeze(1)
+        if len(rows):
+            out[rows] = fn(dx[rows], dy[rows], radius[rows].view(-1, 1, 1, 1))
+    return out
 
 
 def render(scenes: Scenes, frames: int, start: int = 0, with_alpha: bool = False):

@@ -372,7 +372,7 @@ class Run:
     def plan(self, deadline: float) -> None:
         """Seconds each unfinished phase may still train in this run, scaled to fit before ``deadline``."""
         available = max(0.0, deadline - time.monotonic())
-        todo = [p for p in PHASES if not self.progress[p]["done"] and p in self.args.phases]
+        todo = [p for p in PHASES if not self.finished(p)]
         explicit = self.args.phase_minutes
         for i, p in enumerate(PHASES):
             if p in todo and self.progress[p]["target_seconds"] <= 0:
@@ -394,7 +394,7 @@ class Run:
 
     def run_phase(self, phase: str, deadline: float) -> None:
         prog = self.progress[phase]
-        if prog["done"] or phase not in self.args.phases:
+        if self.finished(phase):
             return
         step_fn = {"vae": self.vae_step, "clip": self.clip_step, "causal": self.causal_step}[phase]
         if phase == "causal" and prog["steps"] == 0 and self.progress["clip"]["steps"] > 0:
@@ -438,11 +438,17 @@ class Run:
         if losses:
             self.history[phase].append([prog["steps"], round(prog["seconds"], 2), round(sum(losses) / len(losses), 6)])
         self.validate(phase, val_batch)
-        if prog["seconds"] >= prog["target_seconds"] - 1e-6 or (self.args.max_steps and prog["steps"] >= self.args.max_steps):
+        if prog["seconds"] >= prog["target_seconds"] - 1e-6:
             prog["done"] = True
         if phase == "vae":
             self.measure_latent_stats()
         self.save_checkpoint()
+
+    def finished(self, phase: str) -> bool:
+        """Nothing left for this run: its time target is met (for good), or --max-steps (for this run), or not asked."""
+        prog = self.progress[phase]
+        steps_reached = bool(self.args.max_steps) and prog["steps"] >= self.args.max_steps
+        return prog["done"] or steps_reached or phase not in self.args.phases
 
     def set_lr(self, phase: str, base: float) -> None:
         prog = self.progress[phase]

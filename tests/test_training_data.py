@@ -1,0 +1,87 @@
+"""The procedural clips of the demo models: captions, held-out combinations, rendering and motion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.text import build_word_tokenizer
+from training import data
+
+
+def test_captions_name_the_parameters_and_use_only_the_vocabulary():
+    assert data.caption("red", "circle", "left", "blue") == "a red circle moving left on a blue background"
+    assert data.caption("orange", "square", "bouncing", "black") == "an orange square bouncing on a black background"
+    tokenizer = build_word_tokenizer(data.VOCAB)
+    unk = tokenizer.convert_tokens_to_ids("<unk>")
+    cases = data.sample_cases(300, torch.Generator().manual_seed(0), "all")
+    for case in cases:
+        ids = tokenizer(case.prompt).input_ids
+        assert unk not in ids, case.prompt
+        assert case.background != case.colour
+
+
+def test_held_out_combinations_never_reach_training_but_their_parts_do():
+    assert len(set(data.HELD_OUT)) == len(data.HELD_OUT) == 12
+    train = data.sample_cases(3000, torch.Generator().manual_seed(1), "train")
+    seen = {(c.colour, c.shape, c.motion) for c in train}
+    assert not seen & set(data.HELD_OUT)
+    # Every triple that is not held out shows up, and every attribute of a held-out triple is trained elsewhere.
+    assert len(seen) == len(data.OBJECT_COLOURS) * len(data.SHAPES) * len(data.MOTIONS) - 12
+    for colour, shape, motion in data.HELD_OUT:
+        assert any(c == colour for c, _, _ in seen) and any(s == shape for _, s, _ in seen)
+        assert any(m == motion for _, _, m in seen)
+    cases = data.held_out_cases(2)
+    assert len(cases) == 24 and len({c.prompt for c in cases}) == 24
+    assert {(c.colour, c.shape, c.motion) for c in cases} == set(data.HELD_OUT)
+
+
+def test_render_draws_the_named_colours_and_shapes():
+    cases = [data.Case("red", "circle", "left", "blue"), data.Case("yellow", "square", "up", "black"),
+             data.Case("white", "triangle", "bouncing", "gray")]
+    scenes = data.scenes_for(cases, torch.Generator().manual_seed(2))
+    video, alpha = data.render(scenes, 9, with_alpha=True)
+    assert video.shape == (3, 3, 9, data.SIZE, data.SIZE) and alpha.shape == (3, 9, data.SIZE, data.SIZE)
+    assert video.min() >= -1 and video.max() <= 1
+    frames = data.to_uint8(video)
+    assert frames.shape == (3, 9, data.SIZE, data.SIZE, 3) and frames.dtype == np.uint8
+    for i, case in enumerate(cases):
+        inside = alpha[i].numpy() == 1.0
+        outside = alpha[i].numpy() == 0.0
+        assert np.all(frames[i][inside] == data.PALETTE[case.colour])
+        assert np.all(frames[i][outside] == data.PALETTE[case.background])
+    # Similar sizes, different outlines: a square covers its bounding box, a triangle about half of it.
+    area = alpha.sum(dim=(2, 3))[:, 0]
+    r = scenes.radius
+    assert torch.allclose(area[0], torch.pi * r[0] ** 2, rtol=0.05)
+    assert torch.allclose(area[1], (1.772 * r[1]) ** 2, rtol=0.05)
+    assert 0.3 * torch.pi * r[2] ** 2 < area[2] < 1.1 * torch.pi * r[2] ** 2
+
+
+@pytest.mark.parametrize("motion", data.MOTIONS)
+def test_tracks_move_as_named(motion):
+    cases = [data.Case("green", "square", motion, "black")] * 16
+    scenes = data.scenes_for(cases, torch.Generator().manual_seed(3))
+    x, y = data.tracks(scenes, 33)
+    dx = (torch.diff(x, dim=1) + data.SIZE / 2) % data.SIZE - data.SIZE / 2  # wrapped steps
+    dy = (torch.diff(y, dim=1) + data.SIZE / 2) % data.SIZE - data.SIZE / 2
+    if motion == "bouncing":
+        assert torch.all(dx == 0)
+        assert torch.all((dy < 0).any(dim=1) & (dy > 0).any(dim=1))  # up and down in every clip
+        # The whole bounce stays inside the frame.
+        assert torch.all(y - 1.3 * scenes.radius[:, None] >= 0) and torch.all(y + 1.3 * scenes.radius[:, None] <= 64)
+    else:
+        ux, uy = data.DIRECTIONS[motion]
+        speed = scenes.speed[:, None]
+        assert torch.allclose(dx, ux * speed.expand_as(dx), atol=1e-3)
+        assert torch.allclose(dy, uy * speed.expand_as(dy), atol=1e-3)
+
+
+def test_shapes_wrap_around_the_edges():
+    scenes = data.scenes_for([data.Case("red", "circle", "left", "black")], torch.Generator().manual_seed(4))
+    scenes.x0[:] = 0.0
+    scenes.y0[:] = 32.0
+    _, alpha = data.render(scenes, 1, with_alpha=True)
+    row = alpha[0, 0, 32]
+    assert row[0] == 1 and row[-1] == 1 and row[32] == 0  # half on the left edge, half on the right

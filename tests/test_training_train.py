@@ -1,0 +1,125 @@
+"""The demo training run end to end on the CPU (--smoke: tiny models, a few steps): phases, checkpoints, resume,
+wall-clock budget, export of loadable diffusers-format folders and the packed archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.pipeline import VideoPipeline
+from engine.types import GenerationParams
+from training.train import Config, WeightedBlockState, apply_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "training.train", "--smoke", "--device", "cpu", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """First the VAE alone, then a resumed run that trains the transformers and exports everything."""
+    out = tmp_path_factory.mktemp("demo-run")
+    train("--out", str(out), "--phases", "vae", "--max-steps", "2", "--no-finish")
+    first = json.loads((out / "losses.json").read_text())
+    first_vae = torch.load(out / "checkpoint.pt", weights_only=False)["best"]["vae"]
+    proc = train("--out", str(out), "--resume", "--max-steps", "2", "--pack", str(out / "demo-weights.tar.gz"))
+    return out, first, first_vae, proc
+
+
+def test_resume_continues_where_the_checkpoint_left_off(resumed_run):
+    out, first, first_vae, proc = resumed_run
+    assert first["progress"]["vae"]["steps"] == 2 and first["progress"]["vae"]["latent_stats"]
+    assert first["progress"]["clip"]["steps"] == 0
+    logs = json.loads((out / "losses.json").read_text())
+    assert "resumed from" in proc.stdout
+    progress = logs["progress"]
+    assert progress["vae"]["steps"] == 2  # not trained again
+    assert progress["clip"]["steps"] == 2 and progress["causal"]["steps"] == 2
+    assert progress["causal"]["initialized_from"].startswith("clip step")
+    for phase in ("vae", "clip", "causal"):
+        assert logs["train"][phase] and all(len(row) == 3 for row in logs["train"][phase])
+        assert logs["validation"][phase]
+    # The VAE the transformers trained on and the exported one are the VAE of the first run.
+    exported = load_file(out / "export" / "demo" / "vae" / "diffusion_pytorch_model.safetensors")
+    for key, value in first_vae.items():
+        assert torch.equal(exported[key], value.to(torch.bfloat16)), key
+
+
+def test_exported_folders_load_and_generate(resumed_run):
+    out = resumed_run[0]
+    report = json.loads((out / "final_eval.json").read_text())
+    assert report["ground_truth"]["colour_accuracy"] == 1.0
+    for name, mode in (("demo", "clip"), ("demo-causal", "stream")):
+        folder = out / "export" / name
+        assert json.loads((folder / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKLWan"]
+        pipe = VideoPipeline.from_pretrained(str(folder), device="cpu")
+        assert pipe.causal == (mode == "stream")
+        assert pipe.preset.height == pipe.preset.width == 64 and pipe.preset.use_instruction is False
+        stats = pipe.vae.config.latents_std
+        assert len(stats) == 16 and stats != [1.0] * 16
+        chunks = list(pipe.generate(GenerationParams(prompt="a red circle moving left on a blue background",
+                                                     frames=9, steps=2)))
+        assert sum(c.num_frames for c in chunks) == 9
+        assert chunks[0].frames.shape[1:] == (64, 64, 3)
+
+
+def test_pack_holds_both_folders_readable(resumed_run):
+    out = resumed_run[0]
+    with tarfile.open(out / "demo-weights.tar.gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    for name in ("demo/transformer/diffusion_pytorch_model.safetensors", "demo-causal/vae/config.json",
+                 "demo-causal/tokenizer/tokenizer.json", "demo/sana_video.json", "losses.json", "final_eval.json"):
+        assert name in members, name
+    assert all(m.mode & 0o444 == 0o444 for m in members.values())
+
+
+def test_an_exhausted_budget_still_exports(resumed_run, tmp_path):
+    """More steps asked for, no time left: nothing is trained, the checkpoint's weights are exported."""
+    out = tmp_path / "run"
+    shutil.copytree(resumed_run[0], out, ignore=shutil.ignore_patterns("export", "*.tar.gz"))
+    before = json.loads((out / "losses.json").read_text())["progress"]
+    train("--out", str(out), "--resume", "--budget-minutes", "0.01", "--max-steps", "50")
+    after = json.loads((out / "losses.json").read_text())["progress"]
+    assert {p: after[p]["steps"] for p in after} == {p: before[p]["steps"] for p in before}
+    assert (out / "export" / "demo" / "transformer" / "config.json").exists()
+    assert (out / "export" / "demo-causal" / "transformer" / "config.json").exists()
+
+
+def test_overrides_are_checked():
+    cfg = apply_overrides(Config(), ["causal_batch=32", "clip_lengths=[9, 13]", "sweep=false"])
+    assert (cfg.causal_batch, cfg.clip_lengths, cfg.sweep) == (32, (9, 13), False)
+    with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
+        apply_overrides(Config(), ["no_such_field=1"])
+
+
+def test_weighted_state_weighs_committed_blocks():
+    from engine.presets import TINY_TRANSFORMER
+    from engine.model import SanaVideoTransformer
+
+    torch.manual_seed(0)
+    model = SanaVideoTransformer(TINY_TRANSFORMER, causal=True).eval()
+    x = torch.randn(2, 16, 2, 8, 8)
+    text, mask, t = torch.randn(2, 4, TINY_TRANSFORMER.caption_channels), torch.ones(2, 4), torch.zeros(2)
+    plain = WeightedBlockState.for_model(model, 2, 8, 8)
+    weighted = WeightedBlockState.for_model(model, 2, 8, 8)
+    weighted.weight = torch.tensor([1.0, 3.0])
+    with torch.no_grad():
+        model(x, text, t, mask, state=plain, commit=True)
+        model(x, text, t, mask, state=weighted, commit=True)
+    assert torch.allclose(weighted.S[:, 0], plain.S[:, 0]) and torch.allclose(weighted.S[:, 1], 3 * plain.S[:, 1])
+    assert torch.allclose(weighted.z[:, 1], 3 * plain.z[:, 1]) and torch.equal(weighted.conv, plain.conv)
