@@ -123,12 +123,13 @@ def held_out_cases(backgrounds_per_triple: int = 2) -> list[Case]:
 def sample_cases(n: int, generator: torch.Generator, split: str = "train") -> list[Case]:
     """``n`` random cases of ``split`` ("train": every combination but HELD_OUT; "held_out"; "all")."""
     triples = _triples(split)
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
+    picks = torch.randint(len(triples), (n,), generator=generator, device=generator.device).tolist()
+    backs = torch.randint(2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
     out = []
-    for _ in range(n):
-        colour, shape, motion = triples[int(torch.randint(len(triples), (1,), generator=g))]
+    for pick, back in zip(picks, backs):
+        colour, shape, motion = triples[pick]
         options = backgrounds_for(colour)
-        out.append(Case(colour, shape, motion, options[int(torch.randint(len(options), (1,), generator=g))]))
+        out.append(Case(colour, shape, motion, options[back % len(options)]))
     return out
 
 
@@ -197,10 +198,6 @@ def scenes_for(cases: list[Case], generator: torch.Generator, device=None) -> Sc
         height=height,
         phase=uniform(0.0, 1.0),
     )
-
-
-def sample_scenes(n: int, generator: torch.Generator, split: str = "train", device=None) -> Scenes:
-    return scenes_for(sample_cases(n, generator, split), generator, device)
 
 
 def tracks(scenes: Scenes, frames: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
 import traceback  # noqa: E402
@@ -214,11 +215,13 @@ class LatentPool:
     """Ring buffer of encoded clips (normalized latents, bf16 on the device) with their caption tokens; ``refresh``
     renders and encodes new clips over the oldest ones, ``sample`` draws a batch from what is filled."""
 
-    def __init__(self, vae, tokenizer, size: int, latent_frames: int, max_len: int, device, generator):
+    def __init__(self, vae, tokenizer, size: int, latent_frames: int, max_len: int, device, generator,
+                 case_generator: torch.Generator):
         from engine.vae import latent_stats
 
         self.vae, self.tokenizer, self.max_len = vae, tokenizer, max_len
         self.size, self.latent_frames, self.device, self.generator = size, latent_frames, device, generator
+        self.case_generator = case_generator  # on the CPU: captions are drawn without waiting for the device
         self.frames = 1 + 4 * (latent_frames - 1)
         c = vae.config.z_dim
         s = data.SIZE // 8
@@ -239,11 +242,11 @@ class LatentPool:
         n = min(n, self.size)
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
-            scenes = data.sample_scenes(k, self.generator, "train", self.device)
-            z = self.encode(data.render(scenes, self.frames))
+            cases = data.sample_cases(k, self.case_generator, "train")
+            z = self.encode(data.render(data.scenes_for(cases, self.generator), self.frames))
             idx = (self.cursor + torch.arange(k, device=self.device)) % self.size
             self.latents[idx] = z.to(torch.bfloat16)
-            ids, mask = tokenize(self.tokenizer, scenes.captions(), self.max_len, self.device)
+            ids, mask = tokenize(self.tokenizer, [c.prompt for c in cases], self.max_len, self.device)
             self.ids[idx], self.mask[idx] = ids, mask
             self.cursor = (self.cursor + k) % self.size
             self.filled = min(self.size, self.filled + k)
@@ -278,9 +281,11 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
         torch.manual_seed(args.seed)
         self.generator = torch.Generator(self.device).manual_seed(args.seed)
+        # Choices the host makes (captions, sequence lengths) come from the CPU, so they never wait for the device.
+        self.case_generator = torch.Generator().manual_seed(args.seed + 5)
+        self.rng = random.Random(args.seed)
         self.tokenizer = build_word_tokenizer(data.VOCAB)
         self.models: dict[str, torch.nn.Module] = {
             "vae": build_vae(cfg.vae, seed=args.seed),
@@ -397,52 +402,58 @@ class Run:
         if self.finished(phase):
             return
         step_fn = {"vae": self.vae_step, "clip": self.clip_step, "causal": self.causal_step}[phase]
+        budget = self.remaining.get(phase, 0.0)
+        # Everything the phase does counts towards its time: data, validation and checkpoints too.
+        phase_start, seconds_before = time.monotonic(), prog["seconds"]
         if phase == "causal" and prog["steps"] == 0 and self.progress["clip"]["steps"] > 0:
             self.init_causal_from_clip()
         if phase != "vae":
             self.make_pool(phase)
         val_batch = self.validation_batch(phase)
-        phase_start, last_val, last_log = time.monotonic(), time.monotonic(), time.monotonic()
-        budget = self.remaining.get(phase, 0.0)
-        losses = []
+        last_val = last_log = time.monotonic()
+        loss_sum, loss_steps = None, 0  # summed on the device: no synchronisation per step
         log(f"phase {phase}: {budget:.0f}s, batch {prog['batch']}, from step {prog['steps']}")
         while True:
             now = time.monotonic()
+            prog["seconds"] = seconds_before + now - phase_start
             if now >= deadline or now - phase_start >= budget or prog["seconds"] >= prog["target_seconds"]:
                 break
             if self.args.max_steps and prog["steps"] >= self.args.max_steps:
                 break
-            t0 = time.monotonic()
             try:
                 loss = step_fn(prog)
             except torch.OutOfMemoryError:
                 if prog["batch"] <= 1:
                     raise
                 prog["batch"] //= 2
+                loss = None
                 torch.cuda.empty_cache()
                 log(f"{phase}: out of memory, batch -> {prog['batch']}")
                 continue
             prog["steps"] += 1
-            prog["seconds"] += time.monotonic() - t0
-            losses.append(loss)
+            loss_sum, loss_steps = (loss if loss_sum is None else loss_sum + loss), loss_steps + 1
             if time.monotonic() - last_log >= self.args.log_seconds or prog["steps"] == 1:
-                mean = sum(losses) / len(losses)
-                self.history[phase].append([prog["steps"], round(prog["seconds"], 2), round(mean, 6)])
-                log(f"{phase} step {prog['steps']} loss {mean:.5f} ({len(losses) / (time.monotonic() - last_log):.1f} "
-                    f"steps/s, {prog['seconds']:.0f}/{prog['target_seconds']:.0f}s)")
-                losses, last_log = [], time.monotonic()
+                self.log_loss(phase, loss_sum.item() / loss_steps, loss_steps / (time.monotonic() - last_log))
+                loss_sum, loss_steps, last_log = None, 0, time.monotonic()
             if time.monotonic() - last_val >= self.args.val_seconds:
                 self.validate(phase, val_batch)
                 last_val = time.monotonic()
             self.maybe_checkpoint()
-        if losses:
-            self.history[phase].append([prog["steps"], round(prog["seconds"], 2), round(sum(losses) / len(losses), 6)])
+        if loss_steps:
+            self.log_loss(phase, loss_sum.item() / loss_steps, loss_steps / max(time.monotonic() - last_log, 1e-6))
         self.validate(phase, val_batch)
+        prog["seconds"] = seconds_before + time.monotonic() - phase_start
         if prog["seconds"] >= prog["target_seconds"] - 1e-6:
             prog["done"] = True
         if phase == "vae":
             self.measure_latent_stats()
         self.save_checkpoint()
+
+    def log_loss(self, phase: str, loss: float, steps_per_second: float) -> None:
+        prog = self.progress[phase]
+        self.history[phase].append([prog["steps"], round(prog["seconds"], 2), round(loss, 6)])
+        log(f"{phase} step {prog['steps']} loss {loss:.5f} ({steps_per_second:.1f} steps/s, batch {prog['batch']}, "
+            f"{prog['seconds']:.0f}/{prog['target_seconds']:.0f}s)")
 
     def finished(self, phase: str) -> bool:
         """Nothing left for this run: its time target is met (for good), or --max-steps (for this run), or not asked."""
@@ -483,9 +494,10 @@ class Run:
         kl = 0.5 * (posterior.mean.float().pow(2) + posterior.var.float() - 1 - posterior.logvar.float()).mean()
         return rec, kl
 
-    def vae_batch(self, n: int, generator=None):
-        scenes = data.sample_scenes(n, generator or self.generator, "train", self.device)
-        video, alpha = data.render(scenes, self.cfg.vae_frames, with_alpha=True)
+    def vae_batch(self, n: int, generator=None, case_generator=None):
+        cases = data.sample_cases(n, case_generator or self.case_generator, "train")
+        video, alpha = data.render(data.scenes_for(cases, generator or self.generator), self.cfg.vae_frames,
+                                   with_alpha=True)
         return video, alpha[:, None]
 
     def vae_step(self, prog) -> float:
@@ -494,16 +506,18 @@ class Run:
         rec, kl = self.vae_loss(self.models["vae"], video, alpha)
         loss = rec + self.cfg.vae_kl * kl
         self.optimize("vae", loss)
-        return rec.item()
+        return rec.detach()
 
     @torch.no_grad()
     def measure_latent_stats(self) -> None:
         """Per-channel mean/std of the exported VAE's latents; stored in the VAE config (latents_mean/std)."""
         vae = self.export_vae()
         g = torch.Generator(self.device).manual_seed(self.args.seed + 7)
+        g_cases = torch.Generator().manual_seed(self.args.seed + 7)
         zs = []
         for start in range(0, self.cfg.latent_stats_clips, 64):
-            scenes = data.sample_scenes(min(64, self.cfg.latent_stats_clips - start), g, "train", self.device)
+            cases = data.sample_cases(min(64, self.cfg.latent_stats_clips - start), g_cases, "train")
+            scenes = data.scenes_for(cases, g)
             with autocast(self.device):
                 zs.append(vae.encode(data.render(scenes, 9)).latent_dist.mode().float())
         z = torch.cat(zs).transpose(0, 1).flatten(1)
@@ -533,8 +547,9 @@ class Run:
         else:
             size, frames = max(cfg.pool_clips // 2, 2), 2 * cfg.block_latent_frames - 1 + cfg.block_latent_frames * (
                 cfg.causal_max_blocks - 1)
-        g = torch.Generator(self.device).manual_seed(self.args.seed + 11 + self.progress[phase]["steps"])
-        self.pool = LatentPool(vae, self.tokenizer, size, frames, cfg.max_sequence_length, self.device, g)
+        seed = self.args.seed + 11 + self.progress[phase]["steps"]
+        self.pool = LatentPool(vae, self.tokenizer, size, frames, cfg.max_sequence_length, self.device,
+                               torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed))
         t0 = time.monotonic()
         self.pool.refresh(max(2 * cfg.pool_refresh, min(size, self.progress[phase]["batch"])))
         self.empty_ids, self.empty_mask = tokenize(self.tokenizer, [""], cfg.max_sequence_length, self.device)
@@ -564,13 +579,12 @@ class Run:
         self.set_lr("clip", cfg.lr)
         if prog["steps"] % cfg.pool_refresh_every == 0:
             self.pool.refresh(cfg.pool_refresh)
-        length = cfg.clip_lengths[int(torch.randint(len(cfg.clip_lengths), (1,), generator=self.generator,
-                                                    device=self.device))]
+        length = self.rng.choice(cfg.clip_lengths)
         x0, ids, mask = self.pool.sample(prog["batch"], length)
         with autocast(self.device):
             loss = self.clip_loss(self.models["clip"], x0, ids, mask, ema=False)
         self.optimize("clip", loss)
-        return loss.item()
+        return loss.detach()
 
     def clip_loss(self, model, x0, ids, mask, ema: bool, noise=None, sigma=None, drop: bool = True):
         B = x0.shape[0]
@@ -590,14 +604,14 @@ class Run:
         if prog["steps"] % (2 * cfg.pool_refresh_every) == 0:
             self.pool.refresh(cfg.pool_refresh)
         k = cfg.block_latent_frames
-        blocks_n = int(torch.randint(1, cfg.causal_max_blocks + 1, (1,), generator=self.generator, device=self.device))
-        first = int(torch.randint(k, 2 * k, (1,), generator=self.generator, device=self.device))
+        blocks_n = self.rng.randint(1, cfg.causal_max_blocks)
+        first = self.rng.randint(k, 2 * k - 1)  # stream_blocks: the first block absorbs the remainder
         blocks = [first] + [k] * (blocks_n - 1)
         x0, ids, mask = self.pool.sample(prog["batch"], sum(blocks))
         with autocast(self.device):
             loss = self.causal_loss(self.models["causal"], x0, ids, mask, blocks, ema=False)
         self.optimize("causal", loss)
-        return loss.item()
+        return loss.detach()
 
     def causal_loss(self, model, x0, ids, mask, blocks: list[int], ema: bool, noises=None, sigmas=None,
                     drop: bool = True, perturb: bool = True):
@@ -649,17 +663,19 @@ class Run:
     def validation_batch(self, phase: str):
         """Fixed clips of training combinations (new positions/speeds), noise and noise levels."""
         cfg = self.cfg
-        g = torch.Generator(self.device).manual_seed(self.args.seed + 1000 + PHASES.index(phase))
+        seed = self.args.seed + 1000 + PHASES.index(phase)
+        g, g_cases = torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed)
         n = cfg.val_clips
         if phase == "vae":
-            return self.vae_batch(n, g)
+            return self.vae_batch(n, g, g_cases)
         k = cfg.block_latent_frames
         blocks = [k + 1] + [k] * 3 if phase == "causal" else None
         length = sum(blocks) if blocks else cfg.clip_lengths[0]
-        scenes = data.sample_scenes(n, g, "train", self.device)
+        cases = data.sample_cases(n, g_cases, "train")
+        scenes = data.scenes_for(cases, g)
         frames = 1 + 4 * (length - 1)
         x0 = torch.cat([self.pool.encode(data.render(scenes[i : i + 16], frames)) for i in range(0, n, 16)])
-        ids, mask = tokenize(self.tokenizer, scenes.captions(), cfg.max_sequence_length, self.device)
+        ids, mask = tokenize(self.tokenizer, [c.prompt for c in cases], cfg.max_sequence_length, self.device)
         if phase == "clip":
             return dict(x0=x0, ids=ids, mask=mask, noise=torch.randn(x0.shape, generator=g, device=self.device),
                         sigma=torch.linspace(0.05, 0.95, n, device=self.device))
