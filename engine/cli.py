@@ -152,7 +152,8 @@ def serve(
 def quantize(
     model: str = typer.Option(..., help="Model preset, folder or hub id."),
     precision: str = typer.Option(..., help="nvfp4 or fp8."),
-    out: Path = typer.Option(..., help="Output folder."),
+    out: Path = typer.Option(..., help="Output folder (new or empty)."),
+    calib_prompts: Optional[Path] = typer.Option(None, "--calib-prompts", help="Text file, one calibration prompt a line."),
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """Quantize the transformer with NVIDIA ModelOpt (calibrated on real denoising runs)."""
@@ -161,9 +162,21 @@ def quantize(
     try:
         from quantization import cli_quantize
 
-        cli_quantize(model=model, precision=precision, out=out, device=device)
+        summary = cli_quantize(model=model, precision=precision, out=out, calib_prompts=calib_prompts, device=device,
+                               log=_log)
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
+    _print_summary(summary)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _print_summary(summary: dict) -> None:
+    import json
+
+    typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @app.command("build-engine")
@@ -181,9 +194,11 @@ def build_engine(
     try:
         from quantization import cli_build_engine
 
-        cli_build_engine(model=model, precision=precision, height=height, width=width, frames=frames, out=out)
+        summary = cli_build_engine(model=model, precision=precision, height=height, width=width, frames=frames, out=out,
+                                   log=_log)
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
+    _print_summary(summary)
 
 
 def main() -> None:
