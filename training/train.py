@@ -126,7 +126,7 @@ class Config:
     ema_decay: float = 0.999
     pool_clips: int = 8192  # latent ring buffer (clip phase); the causal one holds half as many, 4x longer
     pool_refresh: int = 128  # clips rendered, encoded and replaced at once (few large calls: less launch overhead)
-    pool_refresh_every: int = 4  # steps between refreshes (the causal phase, with 4x longer clips, waits 2x longer)
+    pool_refresh_every: int = 4  # steps between refreshes at least; more when encoding takes over 25% of the time
     grad_clip: float = 1.0
     val_clips: int = 64
     # Evaluation at the end.
@@ -143,8 +143,9 @@ class Config:
             vae=dict(SMOKE_VAE),
             text_encoder=dict(TINY_TEXT_ENCODER),
             block_latent_frames=2, vae_frames=5, vae_batch=1, clip_batch=2, clip_lengths=(2, 3), causal_batch=2,
-            causal_max_blocks=2, causal_warmup_steps=2, pool_clips=4, pool_refresh=1, pool_refresh_every=1, val_clips=1, warmup_steps=2, eval_backgrounds=0,
-            eval_frames=9, sweep=False, stream_check_seconds=0.5, latent_stats_clips=2,
+            causal_max_blocks=2, causal_warmup_steps=2, pool_clips=4, pool_refresh=1, pool_refresh_every=1,
+            val_clips=1, warmup_steps=2, eval_backgrounds=0, eval_frames=9, sweep=False, stream_check_seconds=0.5,
+            latent_stats_clips=2,
         )
 
     def to_dict(self) -> dict:
@@ -230,6 +231,8 @@ class LatentPool:
         self.mask = torch.zeros(size, max_len, device=device, dtype=torch.long)
         self.filled, self.cursor = 0, 0
         self.mean, self.std = latent_stats(vae, c, device, torch.float32)
+        # Refresh pacing (see Run.maybe_refresh).
+        self.created, self.seconds, self.every, self.next_refresh = time.monotonic(), 0.0, 1, 0
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -452,8 +455,10 @@ class Run:
     def log_loss(self, phase: str, loss: float, steps_per_second: float) -> None:
         prog = self.progress[phase]
         self.history[phase].append([prog["steps"], round(prog["seconds"], 2), round(loss, 6)])
-        log(f"{phase} step {prog['steps']} loss {loss:.5f} ({steps_per_second:.1f} steps/s, batch {prog['batch']}, "
-            f"{prog['seconds']:.0f}/{prog['target_seconds']:.0f}s)")
+        pool = getattr(self, "pool", None) if phase != "vae" else None
+        data_note = f", pool refresh every {pool.every} steps ({pool.seconds:.0f}s)" if pool is not None else ""
+        log(f"{phase} step {prog['steps']} loss {loss:.5f} ({steps_per_second:.1f} steps/s, batch {prog['batch']}"
+            f"{data_note}, {prog['seconds']:.0f}/{prog['target_seconds']:.0f}s)")
 
     def finished(self, phase: str) -> bool:
         """Nothing left for this run: its time target is met (for good), or --max-steps (for this run), or not asked."""
@@ -552,9 +557,28 @@ class Run:
                                torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed))
         t0 = time.monotonic()
         self.pool.refresh(max(2 * cfg.pool_refresh, min(size, self.progress[phase]["batch"])))
+        self.pool.every = cfg.pool_refresh_every
+        self.pool.next_refresh = self.progress[phase]["steps"] + self.pool.every
         self.empty_ids, self.empty_mask = tokenize(self.tokenizer, [""], cfg.max_sequence_length, self.device)
         log(f"{phase}: latent pool of {size} x {frames} latent frames, {self.pool.filled} filled in "
             f"{time.monotonic() - t0:.1f}s")
+
+    def maybe_refresh(self, prog) -> None:
+        """Replace ``pool_refresh`` clips of the pool every few steps; refresh less often while encoding takes more
+        than a quarter of the phase's time, more often (down to every ``pool_refresh_every`` steps) below a tenth."""
+        if prog["steps"] < self.pool.next_refresh:
+            return
+        t0 = time.monotonic()
+        self.pool.refresh(self.cfg.pool_refresh)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.pool.seconds += time.monotonic() - t0
+        share = self.pool.seconds / max(time.monotonic() - self.pool.created, 1e-6)
+        if share > 0.25:
+            self.pool.every *= 2
+        elif share < 0.1:
+            self.pool.every = max(self.cfg.pool_refresh_every, self.pool.every // 2)
+        self.pool.next_refresh = prog["steps"] + self.pool.every
 
     def text_features(self, phase: str, ids: torch.Tensor, mask: torch.Tensor, drop: bool = True, ema: bool = False):
         text = (self.emas[f"{phase}_text"].module if ema else self.models[f"{phase}_text"])
@@ -577,8 +601,7 @@ class Run:
     def clip_step(self, prog) -> float:
         cfg = self.cfg
         self.set_lr("clip", cfg.lr)
-        if prog["steps"] % cfg.pool_refresh_every == 0:
-            self.pool.refresh(cfg.pool_refresh)
+        self.maybe_refresh(prog)
         length = self.rng.choice(cfg.clip_lengths)
         x0, ids, mask = self.pool.sample(prog["batch"], length)
         with autocast(self.device):
@@ -601,8 +624,7 @@ class Run:
     def causal_step(self, prog) -> float:
         cfg = self.cfg
         self.set_lr("causal", cfg.causal_lr)
-        if prog["steps"] % (2 * cfg.pool_refresh_every) == 0:
-            self.pool.refresh(cfg.pool_refresh)
+        self.maybe_refresh(prog)
         k = cfg.block_latent_frames
         blocks_n = self.rng.randint(1, cfg.causal_max_blocks)
         first = self.rng.randint(k, 2 * k - 1)  # stream_blocks: the first block absorbs the remainder
