@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
     ("kernels", "benchmarks.kernels", [], 45, 20),
     ("transformer_480p", "benchmarks.transformer", ["--resolution", "480p"], 250, 60),
-    ("streaming", "benchmarks.streaming", ["--blocks", "20"], 100, 50),
+    ("streaming", "benchmarks.streaming", ["--blocks", "20"], 110, 50),
     ("transformer_720p", "benchmarks.transformer", ["--resolution", "720p"], 110, 60),
     ("e2e", "benchmarks.e2e", [], 90, 45),
-    ("gpu_tests", "pytest", ["-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_kernels_linear_attention.py",
-                             "tests/test_kernels_mixffn.py", "tests/test_kernels_fp8.py", "tests/test_fast_block.py"],
-     60, 30),
+    ("gpu_tests", "pytest", ["-q", "-m", "gpu", "--noconftest", "-p", "no:cacheprovider",
+                             "tests/test_kernels_linear_attention.py", "tests/test_kernels_mixffn.py",
+                             "tests/test_kernels_fp8.py", "tests/test_fast_block.py"], 60, 30),
 ]
 RESULT_FILES = {"kernels": "kernels_480p.json", "transformer_480p": "transformer_480p.json",
                 "streaming": "streaming_480p.json", "transformer_720p": "transformer_720p.json", "e2e": "e2e_480p.json"}
@@ -39,7 +39,7 @@ GRACE_S = 45
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--budget-s", type=float, default=480)
+    p.add_argument("--budget-s", type=float, default=470)
     p.add_argument("--stages", default=",".join(s[0] for s in STAGES))
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -101,6 +101,8 @@ def report(out: Path, smoke: bool = False) -> dict:
                 "rel_err_vs_ours_fast_compiled", "fps", "first_frames_s", "clip_s", "error") if c.get(k) is not None}
                 for c in doc.get("cases", [])}
     print("\n==================== targets ====================")
+    if smoke:
+        print("(smoke run: tiny models on CPU, the numbers say nothing about speed)")
     for stage, targets in rows.items():
         if stage.endswith("_cases"):
             continue

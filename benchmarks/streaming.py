@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=20)
     p.add_argument("--reference-blocks", type=int, default=3, help="blocks of the unoptimized model (0: skip)")
+    p.add_argument("--overlap-blocks", type=int, default=8, help="blocks of the overlapped-decode run (0: skip)")
     p.add_argument("--fp8", action="store_true", help="also stream with the FP8 transformer")
     p.add_argument("--no-cudnn-benchmark", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
@@ -205,12 +206,12 @@ def main(argv=None) -> int:
         return run
 
     run_case(results, "fast_bf16", fast_case(False), budget, needs_s=40)
-    if not smoke:  # two CUDA streams
+    if not smoke and args.overlap_blocks:  # two CUDA streams
         def overlapped():
             model = optimize(_clone(reference), compile=True, compile_backend=backend)  # compiled graphs cached
             pipe.transformer = TimedModule(model)
             stream_overlapped(pipe, 1, block_latent, None)
-            row = stream_overlapped(pipe, blocks, block_latent, budget, reserve_s=5)
+            row = stream_overlapped(pipe, args.overlap_blocks, block_latent, budget, reserve_s=5)
             pipe.transformer = reference
             return row
         run_case(results, "fast_bf16_overlapped_decode", overlapped, budget, needs_s=25,
