@@ -250,9 +250,10 @@ def _rss_bytes() -> int:
 
 
 def stream_consistency(pipe, case: data.Case, seconds: float = 60.0, seed: int = 0, steps: int | None = None,
-                       guidance_scale: float | None = None) -> dict:
+                       guidance_scale: float | None = None, on_block=None) -> dict:
     """One long stream through ``VideoPipeline.generate``, measured block by block as it arrives (nothing is kept):
-    the colour and motion of every block, the block state's size and the process RSS after every block."""
+    the colour and motion of every block, the block state's size and the process RSS after every block.
+    ``on_block(index)`` is called after each block (a probe for tests)."""
     from engine.types import GenerationParams
 
     fps = pipe.preset.fps
@@ -268,6 +269,8 @@ def stream_consistency(pipe, case: data.Case, seconds: float = 60.0, seed: int =
         previous = chunk.frames[-1:]
         rss.append(_rss_bytes())
         state_bytes.add(pipe.last_state_bytes)
+        if on_block is not None:
+            on_block(chunk.index)
     consistent = [b["colour"] == case.colour and b["motion"] == case.motion for b in blocks]
     return {
         "prompt": case.prompt,

@@ -1,0 +1,92 @@
+"""The shipped demo models on the CPU, judged from their decoded frames alone (training/evaluate.py).
+
+Prompts are made of colour/shape/motion combinations never seen in training (training.data.HELD_OUT). The
+bidirectional ``demo`` and the block-causal ``demo-causal`` must draw the asked colour in >= 90% of the clips and the
+asked motion in >= 80%; a one-minute stream of ``demo-causal`` must keep both in every block while the memory it
+holds stays flat.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from engine.pipeline import VideoPipeline
+from engine.presets import get_preset
+from engine.state import BlockState
+from training import data
+from training.evaluate import COLOUR_THRESHOLD, MOTION_THRESHOLD, evaluate_pipeline, stream_consistency
+
+WEIGHTS = Path(engine.__file__).parent / "weights"
+FOLDERS = {"demo": WEIGHTS / "demo", "demo-causal": WEIGHTS / "demo-causal"}
+
+pytestmark = pytest.mark.skipif(
+    not all((f / "model_index.json").exists() for f in FOLDERS.values()),
+    reason="the demo weights are not in engine/weights (see training/README.md)",
+)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    # Each folder on its own (no shared parts), the way the server loads them.
+    return {name: VideoPipeline.from_pretrained(str(folder), device="cpu") for name, folder in FOLDERS.items()}
+
+
+def failures(result: dict) -> list[str]:
+    return [f"{r['prompt']} (seed {r['seed']}): {r['measured']}" for r in result["records"]
+            if (r["measured"]["colour"], r["measured"]["motion"]) != (r["colour"], r["motion"])]
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-causal"])
+def test_held_out_prompts_come_out_right(pipes, name):
+    pipe = pipes[name]
+    assert pipe.causal == (name == "demo-causal")
+    result = evaluate_pipeline(pipe, data.held_out_cases(2), batch=24)
+    assert result["clips"] == 24
+    assert result["colour_accuracy"] >= COLOUR_THRESHOLD, failures(result)
+    assert result["motion_accuracy"] >= MOTION_THRESHOLD, failures(result)
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage Python still references (weights, caches, states, anything kept)."""
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def test_a_minute_of_stream_keeps_colour_motion_and_memory(pipes):
+    pipe = pipes["demo-causal"]
+    case = data.held_out_cases(1)[0]
+    held = {}
+
+    def probe(index: int) -> None:
+        if index in (4, 59):
+            held[index] = live_tensor_bytes()
+
+    report = stream_consistency(pipe, case, seconds=60.0, on_block=probe)
+    assert report["frames"] == 961 and report["blocks"] == 60
+    bad = [b for b in report["per_block"] if (b["colour"], b["motion"]) != (case.colour, case.motion)]
+    assert not bad, f"{case.prompt}: {len(bad)} blocks off, e.g. {bad[:3]}"
+    # Flat memory: one state allocation of the model's size, and nothing more held after 60 blocks than after 5.
+    cfg = 2 if pipe.preset.stream_guidance_scale > 1 else 1
+    assert report["state_bytes"] == [BlockState.for_model(pipe.transformer, cfg, 8, 8).nbytes()]
+    assert held[59] == held[4]
+
+
+def test_weights_are_small_and_presets_point_at_them():
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 25_000_000
+    for name, folder in FOLDERS.items():
+        preset = get_preset(name)
+        assert preset is not None, f"no preset {name!r} in engine/presets.py"
+        assert Path(preset.source).resolve() == folder.resolve()
+        assert preset.causal == (name == "demo-causal")
