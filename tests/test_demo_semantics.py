@@ -3,12 +3,14 @@
 Prompts are made of colour/shape/motion combinations never seen in training (training.data.HELD_OUT). The
 bidirectional ``demo`` and the block-causal ``demo-causal`` must draw the asked colour in >= 90% of the clips and the
 asked motion in >= 80%; a one-minute stream of ``demo-causal`` must keep both in every block while the memory it
-holds stays flat.
+holds stays flat. (The recorded numbers in benchmarks/results/demo_*.json come from the larger run of
+``python -m training.evaluate``; here one 2 s clip per held-out combination keeps the test quick.)
 """
 
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,8 @@ def failures(result: dict) -> list[str]:
 def test_held_out_prompts_come_out_right(pipes, name):
     pipe = pipes[name]
     assert pipe.causal == (name == "demo-causal")
-    result = evaluate_pipeline(pipe, data.held_out_cases(2), batch=24)
-    assert result["clips"] == 24
+    result = evaluate_pipeline(pipe, data.held_out_cases(1), batch=12, frames=33)
+    assert result["clips"] == 12
     assert result["colour_accuracy"] >= COLOUR_THRESHOLD, failures(result)
     assert result["motion_accuracy"] >= MOTION_THRESHOLD, failures(result)
 
@@ -54,12 +56,14 @@ def test_held_out_prompts_come_out_right(pipes, name):
 def live_tensor_bytes() -> int:
     """Bytes of every tensor storage Python still references (weights, caches, states, anything kept)."""
     seen, total = set(), 0
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+    with warnings.catch_warnings():  # isinstance on some deprecated module objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        storage = obj.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total
 
 

@@ -32,6 +32,7 @@ def test_held_out_combinations_never_reach_training_but_their_parts_do():
     for colour, shape, motion in data.HELD_OUT:
         assert any(c == colour for c, _, _ in seen) and any(s == shape for _, s, _ in seen)
         assert any(m == motion for _, _, m in seen)
+    assert ("red", "circle", "left") not in data.HELD_OUT  # the README's first command asks for one
     cases = data.held_out_cases(2)
     assert len(cases) == 24 and len({c.prompt for c in cases}) == 24
     assert {(c.colour, c.shape, c.motion) for c in cases} == set(data.HELD_OUT)

@@ -43,21 +43,22 @@ SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("left", "right", "up", "down", "bouncing")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # image y points down
 
-# Never trained on; the evaluation prompts use these. Triple i is (colour i mod 8, shape i mod 3, motion i mod 5):
+# Never trained on; the evaluation prompts use these. Triple i is (colour i+1 mod 8, shape i mod 3, motion i mod 5):
 # twelve distinct combinations in which every colour, shape and motion still occurs in training with other partners.
+# (The README's example, a red circle moving left, is a training combination: the first command must be dependable.)
 HELD_OUT: tuple[tuple[str, str, str], ...] = (
-    ("red", "circle", "left"),
-    ("orange", "square", "right"),
-    ("yellow", "triangle", "up"),
-    ("green", "circle", "down"),
-    ("cyan", "square", "bouncing"),
-    ("blue", "triangle", "left"),
-    ("purple", "circle", "right"),
-    ("white", "square", "up"),
-    ("red", "triangle", "down"),
-    ("orange", "circle", "bouncing"),
-    ("yellow", "square", "left"),
-    ("green", "triangle", "right"),
+    ("orange", "circle", "left"),
+    ("yellow", "square", "right"),
+    ("green", "triangle", "up"),
+    ("cyan", "circle", "down"),
+    ("blue", "square", "bouncing"),
+    ("purple", "triangle", "left"),
+    ("white", "circle", "right"),
+    ("red", "square", "up"),
+    ("orange", "triangle", "down"),
+    ("yellow", "circle", "bouncing"),
+    ("green", "square", "left"),
+    ("cyan", "triangle", "right"),
 )
 
 # Every word a caption can contain (the word-level tokenizer's vocabulary).
