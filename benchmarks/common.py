@@ -58,7 +58,7 @@ def environment(command: list[str] | None = None) -> dict:
     """GPU, driver and library versions plus the exact command (recorded in every result file)."""
     info = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(command or sys.argv),
+        "command": " ".join(command or getattr(sys, "orig_argv", sys.argv)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     wanted = args.stages.split(",")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    log = {"budget_s": args.budget_s, "stages": []}
+    log = {"command": " ".join(getattr(sys, "orig_argv", sys.argv)), "budget_s": args.budget_s, "stages": []}
     for name, module, extra, cap, least in STAGES:
         if name not in wanted:
             continue

@@ -57,7 +57,8 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool) -> nn.Mo
 def _cat_bias(*layers: nn.Linear) -> torch.Tensor | None:
     if all(layer.bias is None for layer in layers):
         return None
-    return torch.cat([layer.bias if layer.bias is not None else torch.zeros_like(layer.weight[:, 0]) for layer in layers])
+    return torch.cat([layer.bias if layer.bias is not None else torch.zeros_like(layer.weight[:, 0])
+                      for layer in layers])
 
 
 class BlockCore(nn.Module):
@@ -269,7 +270,8 @@ class GraphedTransformer:
     def __call__(self, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask=None, guidance=None,
                  **kwargs):
         if kwargs or guidance is not None or not hidden_states.is_cuda:
-            return self.model(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, guidance, **kwargs)
+            return self.model(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, guidance,
+                              **kwargs)
         inputs = (hidden_states, encoder_hidden_states, timestep, encoder_attention_mask)
         key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
         entry = self.graphs.get(key)

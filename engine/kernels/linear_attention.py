@@ -245,7 +245,8 @@ def linear_attention_apply(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 @torch.library.custom_op("sana::linear_attention_sums", mutates_args=())
-def _sums_op(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sums_op(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     S, z = linear_attention_sums(k, v, cos, sin, heads)
     return S.contiguous(), z.contiguous()
 
@@ -258,7 +259,8 @@ def _(k, v, cos, sin, heads):
 
 
 @torch.library.custom_op("sana::linear_attention_apply", mutates_args=())
-def _apply_op(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+def _apply_op(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+              eps: float) -> torch.Tensor:
     return linear_attention_apply(q, cos, sin, S, z, eps)
 
 
