@@ -34,6 +34,8 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
 import traceback  # noqa: E402
@@ -47,6 +49,7 @@ from engine.state import BlockState  # noqa: E402
 from training import data  # noqa: E402
 
 PHASES = ("vae", "clip", "causal")
+STOP = threading.Event()  # set by SIGTERM/SIGINT: stop training, export what there is
 MODEL_NAMES = {"clip": "demo", "causal": "demo-causal"}
 
 # The shipped demo models (both folders together stay under 25 MB in bf16).
@@ -106,7 +109,7 @@ class Config:
     vae_frames: int = 9  # 1 + 4*2: the first-frame path and two cached chunks
     vae_batch: int = 64
     vae_lr: float = 1e-3
-    vae_kl: float = 1e-4
+    vae_kl: float = 5e-5
     object_weight: float = 6.0  # the object is ~6% of the pixels; its colour is what matters
     # Transformer phases.
     clip_batch: int = 384
@@ -179,7 +182,7 @@ def logit_normal_sigmas(n: int, shift: float, generator, device) -> torch.Tensor
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point parameters and buffers."""
+    """Exponential moving average of a module's parameters (its buffers are constants here)."""
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
@@ -217,7 +220,7 @@ class LatentPool:
     renders and encodes new clips over the oldest ones, ``sample`` draws a batch from what is filled."""
 
     def __init__(self, vae, tokenizer, size: int, latent_frames: int, max_len: int, device, generator,
-                 case_generator: torch.Generator):
+                 case_generator: torch.Generator, refresh_every: int):
         from engine.vae import latent_stats
 
         self.vae, self.tokenizer, self.max_len = vae, tokenizer, max_len
@@ -232,7 +235,7 @@ class LatentPool:
         self.filled, self.cursor = 0, 0
         self.mean, self.std = latent_stats(vae, c, device, torch.float32)
         # Refresh pacing (see Run.maybe_refresh).
-        self.created, self.seconds, self.every, self.next_refresh = time.monotonic(), 0.0, 1, 0
+        self.created, self.seconds, self.every, self.next_refresh = time.monotonic(), 0.0, refresh_every, 0
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -346,7 +349,7 @@ class Run:
     def load_checkpoint(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         for n, m in self.models.items():
             m.load_state_dict(state["models"][n])
             self.emas[n].module.load_state_dict(state["ema"][n])
@@ -420,6 +423,8 @@ class Run:
             now = time.monotonic()
             prog["seconds"] = seconds_before + now - phase_start
             if now >= deadline or now - phase_start >= budget or prog["seconds"] >= prog["target_seconds"]:
+                break
+            if STOP.is_set():
                 break
             if self.args.max_steps and prog["steps"] >= self.args.max_steps:
                 break
@@ -554,10 +559,10 @@ class Run:
                 cfg.causal_max_blocks - 1)
         seed = self.args.seed + 11 + self.progress[phase]["steps"]
         self.pool = LatentPool(vae, self.tokenizer, size, frames, cfg.max_sequence_length, self.device,
-                               torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed))
+                               torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed),
+                               cfg.pool_refresh_every)
         t0 = time.monotonic()
         self.pool.refresh(max(2 * cfg.pool_refresh, min(size, self.progress[phase]["batch"])))
-        self.pool.every = cfg.pool_refresh_every
         self.pool.next_refresh = self.progress[phase]["steps"] + self.pool.every
         self.empty_ids, self.empty_mask = tokenize(self.tokenizer, [""], cfg.max_sequence_length, self.device)
         log(f"{phase}: latent pool of {size} x {frames} latent frames, {self.pool.filled} filled in "
@@ -838,7 +843,7 @@ def finish(run: Run, deadline: float) -> dict:
             continue
         sampling: dict = {}
         try:
-            if run.cfg.sweep and time.monotonic() < deadline:
+            if run.cfg.sweep and time.monotonic() < deadline and not STOP.is_set():
                 sampling, report[f"{phase}_sweep"] = sweep(run, phase, deadline)
             folder = run.export(phase, sampling)
             report[f"{phase}_export"] = str(folder)
@@ -848,7 +853,7 @@ def finish(run: Run, deadline: float) -> dict:
             r.pop("records")
             report[f"{phase}_held_out"] = r
             log(f"{phase} held-out: colour {r['colour_accuracy']:.3f} motion {r['motion_accuracy']:.3f}")
-            if phase == "causal" and run.cfg.stream_check_seconds > 0:
+            if phase == "causal" and run.cfg.stream_check_seconds > 0 and not STOP.is_set():
                 s = stream_consistency(pipe, cases[0], seconds=run.cfg.stream_check_seconds)
                 s.pop("per_block")
                 s.pop("rss_mb")
@@ -938,6 +943,13 @@ def main(argv=None) -> int:
     reserve = args.reserve_seconds if args.reserve_seconds is not None else min(90.0, 0.2 * budget)
     deadline = START + budget - reserve
     run = Run(args, cfg)
+
+    def stop(signum, frame):
+        log(f"signal {signum}: stopping after this step, then export")
+        STOP.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     log(f"device {run.device}, torch {torch.__version__}, budget {budget:.0f}s (reserve {reserve:.0f}s), parameters: "
         + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for n, m in run.models.items()))
     if args.resume:
@@ -953,7 +965,7 @@ def main(argv=None) -> int:
             log(f"phase {phase} failed:\n{run.progress[phase]['error']}")
             run.save_checkpoint()
             break
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or STOP.is_set():
             break
     if not args.no_finish and run.progress["vae"]["steps"] > 0:
         finish(run, START + budget - 0.5 * reserve)
