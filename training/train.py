@@ -106,8 +106,8 @@ class Config:
     # Share of the training time of each phase.
     phase_weights: tuple[float, float, float] = (0.25, 0.35, 0.40)
     # VAE phase.
-    vae_frames: int = 9  # 1 + 4*2: the first-frame path and two cached chunks
-    vae_batch: int = 64
+    vae_frames: int = 17  # 1 + 4*4: the first-frame path and enough cached chunks to reach the causal steady state
+    vae_batch: int = 48
     vae_lr: float = 1e-3
     vae_kl: float = 5e-5
     object_weight: float = 6.0  # the object is ~6% of the pixels; its colour is what matters
@@ -529,7 +529,7 @@ class Run:
             cases = data.sample_cases(min(64, self.cfg.latent_stats_clips - start), g_cases, "train")
             scenes = data.scenes_for(cases, g)
             with autocast(self.device):
-                zs.append(vae.encode(data.render(scenes, 9)).latent_dist.mode().float())
+                zs.append(vae.encode(data.render(scenes, 33)).latent_dist.mode().float())
         z = torch.cat(zs).transpose(0, 1).flatten(1)
         mean, std = z.mean(1).tolist(), z.std(1).clamp(min=1e-3).tolist()
         self.progress["vae"]["latent_stats"] = [mean, std]
