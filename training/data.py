@@ -64,7 +64,8 @@ HELD_OUT: tuple[tuple[str, str, str], ...] = (
 # Every word a caption can contain (the word-level tokenizer's vocabulary).
 VOCAB: tuple[str, ...] = tuple(
     dict.fromkeys(
-        ["a", "an", "moving", "bouncing", "on", "background", *SHAPES, *DIRECTIONS, *OBJECT_COLOURS, *BACKGROUND_COLOURS]
+        ["a", "an", "moving", "bouncing", "on", "background", *SHAPES, *DIRECTIONS, *OBJECT_COLOURS,
+         *BACKGROUND_COLOURS]
     )
 )
 
@@ -157,10 +158,8 @@ class Scenes:
         return Scenes(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
     def cases(self) -> list[Case]:
-        return [
-            Case(OBJECT_COLOURS[c], SHAPES[s], MOTIONS[m], BACKGROUND_COLOURS[b])
-            for c, s, m, b in zip(self.colour.tolist(), self.shape.tolist(), self.motion.tolist(), self.background.tolist())
-        ]
+        columns = zip(self.colour.tolist(), self.shape.tolist(), self.motion.tolist(), self.background.tolist())
+        return [Case(OBJECT_COLOURS[c], SHAPES[s], MOTIONS[m], BACKGROUND_COLOURS[b]) for c, s, m, b in columns]
 
     def captions(self) -> list[str]:
         return [c.prompt for c in self.cases()]

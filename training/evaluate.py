@@ -129,10 +129,9 @@ def ground_truth(cases: list[data.Case], frames: int = 33, seed: int = 0) -> dic
 
 def _encode(pipe, prompts: list[str], cfg: bool):
     preset = pipe.preset
-    texts = [
-        f"{p} motion score: {preset.motion_score}." if preset.motion_score is not None and "motion score" not in p else p
-        for p in prompts
-    ]
+    # As VideoPipeline._encode_prompt: the official pipelines append a motion score.
+    texts = [p if preset.motion_score is None or "motion score" in p else f"{p} motion score: {preset.motion_score}."
+             for p in prompts]
     emb, mask = pipe.text_encoder.encode(texts)
     if cfg:
         neg, neg_mask = pipe.text_encoder.encode([""] * len(prompts), with_instruction=False)
@@ -172,7 +171,8 @@ def generate_clips(pipe, prompts: list[str], seeds: list[int], frames: int | Non
     from engine.types import GenerationParams
     from engine.vae import StreamingDecoder
 
-    params = pipe.resolve(GenerationParams(prompt=prompts[0], frames=frames, steps=steps, guidance_scale=guidance_scale))
+    params = pipe.resolve(GenerationParams(prompt=prompts[0], frames=frames, steps=steps,
+                                           guidance_scale=guidance_scale))
     cfg = params.guidance_scale > 1.0
     emb, mask = _encode(pipe, prompts, cfg)
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]

@@ -83,7 +83,8 @@ DEMO_TEXT_ENCODER = dict(
     max_position_embeddings=64,
 )
 SMOKE_VAE = dict(
-    base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True]
+    base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+    temperal_downsample=[False, True, True],
 )
 
 # Sampling defaults written beside the weights (sana_video.json); the sweep at the end may replace steps/guidance.
@@ -306,7 +307,8 @@ class Run:
         self.emas = {name: EMA(m, cfg.ema_decay) for name, m in self.models.items()}
         self.best: dict[str, dict] = {}  # model name -> CPU state dict of the best EMA weights
         self.optims = {
-            "vae": torch.optim.AdamW(self.models["vae"].parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0),
+            "vae": torch.optim.AdamW(self.models["vae"].parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99),
+                                     weight_decay=0.0),
             "clip": torch.optim.AdamW([p for n in ("clip", "clip_text") for p in self.models[n].parameters()],
                                       lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01),
             "causal": torch.optim.AdamW([p for n in ("causal", "causal_text") for p in self.models[n].parameters()],
@@ -888,7 +890,8 @@ def pack(out: Path, target: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, losses.json, export/, final_eval.json")
     p.add_argument("--budget-minutes", type=float, default=8.0, help="wall-clock budget of this invocation")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
@@ -927,7 +930,8 @@ def apply_overrides(cfg: Config, items: list[str]) -> Config:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields or key == "transformer":
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields - {'transformer'}))}")
+            names = ", ".join(sorted(fields - {"transformer"}))
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {names}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
