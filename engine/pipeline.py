@@ -114,6 +114,10 @@ class VideoPipeline:
         for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
             if not (folder / sub).is_dir():
                 raise CheckpointError(f"{folder}: expected a diffusers pipeline folder with a {sub}/ subfolder")
+        vae_class = _component_class(folder, "vae")
+        if vae_class not in (None, "AutoencoderKLWan"):
+            # The 720p model's LTX-2 VAE has other compression factors and no block-wise decode here yet.
+            raise CheckpointError(f"{folder}: VAE class {vae_class} is not supported (accepted: AutoencoderKLWan)")
         transformer = load_transformer(str(folder / "transformer"), dtype=dtype, device=dev)
         base = preset or PRESETS["sana-video-480p-longlive" if transformer.causal else "sana-video-480p"]
         overrides = {}
@@ -375,6 +379,18 @@ class VideoPipeline:
             if on_progress is not None:
                 on_progress(Progress(b + 1, len(blocks), steps_total, steps_total, frames_done, params.frames))
             yield chunk
+
+
+def _component_class(folder: Path, component: str) -> str | None:
+    """The class model_index.json names for ``component`` (None when the file or entry is absent)."""
+    index = folder / "model_index.json"
+    if not index.exists():
+        return None
+    try:
+        entry = json.loads(index.read_text()).get(component)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{index}: malformed ({exc})") from exc
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
 
 
 def default_scheduler_config(preset: ModelPreset) -> dict:

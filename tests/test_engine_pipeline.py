@@ -145,3 +145,16 @@ def test_save_and_reload_pipeline(tmp_path, stream):
     _, a = video(stream, seed=2, frames=9)
     _, b = video(again, seed=2, frames=9)
     assert np.array_equal(a, b)
+
+
+def test_unsupported_vae_class_is_a_clear_error(tmp_path, clip):
+    import json
+
+    from engine.errors import CheckpointError
+
+    folder = clip.save_pretrained(tmp_path / "pipe")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = ["diffusers", "AutoencoderKLLTX2Video"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="VAE class AutoencoderKLLTX2Video is not supported"):
+        VideoPipeline.from_pretrained(str(folder))
