@@ -899,7 +899,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
-    p.add_argument("--phase-minutes", default=None, help="cumulative minutes per phase, e.g. 2,2.5,3.5")
+    p.add_argument("--phase-minutes", default=None, help="minutes of each phase (vae,clip,causal), e.g. 5,1.5,1.5; scaled down together if they exceed the budget")
     p.add_argument("--max-steps", type=int, default=0, help="stop each phase after this many steps (0: time only)")
     p.add_argument("--reserve-seconds", type=float, default=None, help="kept for export and evaluation")
     p.add_argument("--checkpoint-seconds", type=float, default=60.0)
