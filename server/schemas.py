@@ -27,7 +27,23 @@ def _frames_4k1(value: int | None) -> int | None:
     return value
 
 
-class GenerateRequest(BaseModel):
+class _RequestChecks(BaseModel):
+    """Checks shared by every request that creates a job (fields are declared by the subclasses)."""
+
+    @field_validator("frames", check_fields=False)
+    @classmethod
+    def _frames(cls, value: int | None) -> int | None:
+        return _frames_4k1(value)
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain a non-space character")
+        return value
+
+
+class GenerateRequest(_RequestChecks):
     """POST /generate. Unset fields take the model's defaults (see GET /models)."""
 
     # strict: JSON numbers only (no "5", no true for 1), as the schema says.
@@ -46,18 +62,6 @@ class GenerateRequest(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Same seed and parameters give the same video.")
     mode: Mode | None = Field(None, description="clip (bidirectional models) or stream (block-causal models).")
     model: str | None = Field(None, min_length=1, max_length=200, description="A served model (GET /models).")
-
-    @field_validator("frames")
-    @classmethod
-    def _frames(cls, value: int | None) -> int | None:
-        return _frames_4k1(value)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must contain a non-space character")
-        return value
 
 
 def accepted_range(model: type[BaseModel], field: str) -> str | None:
@@ -170,7 +174,7 @@ class ErrorBody(BaseModel):
 _SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
 
 
-class VideoCreateRequest(BaseModel):
+class VideoCreateRequest(_RequestChecks):
     """POST /v1/videos: OpenAI's video fields (``seconds``, ``size``) plus any of /generate's."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -186,18 +190,6 @@ class VideoCreateRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     mode: Mode | None = None
-
-    @field_validator("frames")
-    @classmethod
-    def _frames(cls, value: int | None) -> int | None:
-        return _frames_4k1(value)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must contain a non-space character")
-        return value
 
     @field_validator("size")
     @classmethod
