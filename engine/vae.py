@@ -8,6 +8,7 @@ VAE serves many streams.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
@@ -86,7 +87,7 @@ def encode_video(vae, video: torch.Tensor, sample: bool = False, generator=None)
     return (z - mean) / std
 
 
-def to_uint8_frames(pixels: torch.Tensor) -> "np.ndarray":  # noqa: F821
+def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     """[B=1, 3, F, H, W] in [-1, 1] -> uint8 numpy [F, H, W, 3]."""
     x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 3, 0).cpu().numpy()

@@ -5,8 +5,6 @@ accepted; output folders appear only once complete.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ from quantization.errors import QuantizationError, require_modelopt
 from quantization.policy import LayerPolicy, check_precision, quantized_names
 from quantization.quantize import (
     _check_output_folder,
+    staged_folder,
     is_quantized_folder,
     load_quantized,
     plain_copy,
@@ -134,19 +133,9 @@ def cli_build_engine(model: str | Path, precision: str, height: int, width: int,
     import_tensorrt()
     check_capability(precision, gpu_capability())
     out = Path(out)
-    _check_output_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        tmp.chmod(0o755)
+    with staged_folder(out) as tmp:
         graph, info = prepare_engine_onnx(model, precision, height, width, frames, tmp, calib_prompts=calib_prompts,
                                           device=device or "cuda", batch=batch, log=log)
         g = graph.to_dict()
         build_engine(graph.path, tmp, precision=precision, inputs=g["inputs"], output=g["output"], model=info)
-        if out.exists():
-            out.rmdir()
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "precision": precision, **info}

@@ -10,6 +10,7 @@ the config and restores it; the ranges in the JSON are what the ONNX exporter ba
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 import shutil
 import tempfile
@@ -91,11 +92,7 @@ def save_quantized(
     import modelopt
 
     out = Path(out)
-    _check_output_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        tmp.chmod(0o755)
+    with staged_folder(out) as tmp:
         config = {
             "format_version": FORMAT_VERSION,
             "precision": precision,
@@ -111,13 +108,25 @@ def save_quantized(
         }
         mto.save(model, str(tmp / MODELOPT_STATE))
         (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+@contextmanager
+def staged_folder(out: Path):
+    """A temp folder beside ``out`` that becomes ``out`` when the block succeeds; on any failure it is removed, so no
+    half-written output folder is ever left."""
+    _check_output_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        tmp.chmod(0o755)
+        yield tmp
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _check_output_folder(out: Path) -> None:
