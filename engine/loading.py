@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.errors import CheckpointError, DeviceError, UnknownModel
 from engine.model import RotaryPosEmbed, SanaVideoTransformer
-from engine.presets import BIDIRECTIONAL_CLASS, CAUSAL_CLASS, ModelPreset, TransformerConfig, get_preset
+from engine.presets import BIDIRECTIONAL_CLASS, CAUSAL_CLASS, TransformerConfig, get_preset
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -199,10 +199,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is read by other users (containers, services)
     os.replace(tmp, path)
 
-
-def preset_or_folder(name: str) -> tuple[ModelPreset | None, str]:
-    """(preset, source): the preset named ``name`` if any, and where its weights live."""
-    preset = get_preset(name)
-    if preset is None:
-        return None, name
-    return preset, preset.source or preset.name
