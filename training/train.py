@@ -109,14 +109,14 @@ class Config:
     # VAE phase.
     vae_frames: int = 17  # 1 + 4*4: the first-frame path and enough cached chunks to reach the causal steady state
     vae_batch: int = 48
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_kl: float = 5e-5
-    object_weight: float = 6.0  # the object is ~6% of the pixels; its colour is what matters
+    object_weight: float = 12.0  # the object is ~6% of the pixels; its colour is what matters
     # Transformer phases.
     clip_batch: int = 384
     clip_lengths: tuple[int, ...] = (9, 9, 9, 9, 9, 9, 9, 13, 13, 21)  # latent frames, drawn uniformly per step
-    causal_batch: int = 256
-    causal_max_blocks: int = 12
+    causal_batch: int = 96
+    causal_max_blocks: int = 8
     lr: float = 6e-4
     causal_lr: float = 3e-4  # fine-tuning: the causal model starts from the trained bidirectional one
     warmup_steps: int = 150
@@ -288,6 +288,7 @@ class Run:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # the VAE's 3D convolutions run at a few fixed shapes
         torch.manual_seed(args.seed)
         self.generator = torch.Generator(self.device).manual_seed(args.seed)
         # Choices the host makes (captions, sequence lengths) come from the CPU, so they never wait for the device.
@@ -352,12 +353,19 @@ class Run:
         if not self.checkpoint_path.exists():
             return False
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        # A portable checkpoint (see save_portable) leaves out what the remaining phases do not need: models of
+        # phases not started keep their seeded initialization, finished phases keep only their best weights.
         for n, m in self.models.items():
-            m.load_state_dict(state["models"][n])
-            self.emas[n].module.load_state_dict(state["ema"][n])
-            self.emas[n].updates = state["ema_updates"][n]
+            if n in state["models"]:
+                m.load_state_dict(state["models"][n])
+            if n in state["ema"]:
+                self.emas[n].module.load_state_dict(state["ema"][n])
+            elif n in state["best"]:
+                self.emas[n].module.load_state_dict(state["best"][n])
+            self.emas[n].updates = state["ema_updates"].get(n, 0)
         for n, o in self.optims.items():
-            o.load_state_dict(state["optims"][n])
+            if n in state["optims"]:
+                o.load_state_dict(state["optims"][n])
         self.best = state["best"]
         for p in PHASES:
             self.progress[p].update(state["progress"][p])
@@ -368,6 +376,39 @@ class Run:
         log(f"resumed from {self.checkpoint_path}: " + ", ".join(
             f"{p} {self.progress[p]['steps']} steps{' (done)' if self.progress[p]['done'] else ''}" for p in PHASES))
         return True
+
+    def save_portable(self, folder: Path, part_mib: int = 15) -> list[Path]:
+        """The checkpoint without what later runs cannot need (optimizer state and raw weights of finished phases,
+        anything of phases not started), split into parts of at most ``part_mib`` MiB so that it can travel to
+        another machine; ``cat part* > OUT/checkpoint.pt`` restores a file that ``--resume`` reads."""
+        keep_raw = {n for p in PHASES if self.progress[p]["steps"] > 0 and not self.progress[p]["done"]
+                    for n in self.phase_models[p]}
+        started = {n for p in PHASES if self.progress[p]["steps"] > 0 for n in self.phase_models[p]}
+        state = {
+            "config": self.cfg.to_dict(),
+            "progress": self.progress,
+            "models": {n: m.state_dict() for n, m in self.models.items() if n in keep_raw},
+            "ema": {n: e.module.state_dict() for n, e in self.emas.items() if n in keep_raw},
+            "ema_updates": {n: e.updates for n, e in self.emas.items() if n in started},
+            "best": {n: v for n, v in self.best.items() if n in started},
+            "optims": {p: o.state_dict() for p, o in self.optims.items()
+                       if any(n in keep_raw for n in self.phase_models[p])},
+            "history": self.history,
+            "validation": self.validation,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("checkpoint.part*"):
+            old.unlink()
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        blob, step, parts = buffer.getvalue(), part_mib * 2**20, []
+        for i in range(0, len(blob), step):
+            parts.append(folder / f"checkpoint.part{i // step:02d}")
+            parts[-1].write_bytes(blob[i : i + step])
+        log(f"portable checkpoint: {len(blob) / 2**20:.1f} MiB in {len(parts)} parts under {folder}")
+        return parts
 
     def write_logs(self) -> None:
         logs = {"config": self.cfg.to_dict(), "progress": self.progress, "train": self.history,
@@ -457,6 +498,7 @@ class Run:
             prog["done"] = True
         if phase == "vae":
             self.measure_latent_stats()
+            self.vae_round_trip()
         self.save_checkpoint()
 
     def log_loss(self, phase: str, loss: float, steps_per_second: float) -> None:
@@ -537,6 +579,24 @@ class Run:
         self.progress["vae"]["latent_stats"] = [mean, std]
         self.set_latent_stats(mean, std)
         log("latent stats: mean " + " ".join(f"{m:+.2f}" for m in mean) + " | std " + " ".join(f"{s:.2f}" for s in std))
+
+    @torch.no_grad()
+    def vae_round_trip(self) -> None:
+        """Held-out clips encoded and decoded by the exported VAE, then measured like generated ones: the ceiling of
+        what the transformers can reach (a VAE that loses the colour makes every later accuracy meaningless)."""
+        from training.evaluate import accuracy, measure
+
+        vae = self.export_vae()
+        cases = data.held_out_cases(2)
+        g = torch.Generator(self.device).manual_seed(self.args.seed + 8)
+        video = data.render(data.scenes_for(cases, g), 33)
+        with autocast(self.device):
+            recon = torch.cat([vae.decode(vae.encode(video[i : i + 8]).latent_dist.mode()).sample.float()
+                               for i in range(0, len(cases), 8)])
+        result = accuracy([measure(c) for c in data.to_uint8(recon.clamp(-1, 1))], cases)
+        self.progress["vae"]["round_trip"] = result
+        log(f"vae round trip on held-out clips: colour {result['colour_accuracy']:.3f} "
+            f"motion {result['motion_accuracy']:.3f}")
 
     def set_latent_stats(self, mean: list[float], std: list[float]) -> None:
         for vae in (self.models["vae"], self.emas["vae"].module):
@@ -907,6 +967,8 @@ def parse_args(argv=None):
     p.add_argument("--log-seconds", type=float, default=10.0)
     p.add_argument("--pack", default=None, help="write a .tar.gz of the exported folders and logs here")
     p.add_argument("--no-finish", action="store_true", help="skip export and evaluation")
+    p.add_argument("--portable", default=None, help="also write a slim checkpoint in parts of <= 15 MiB to this folder "
+                   "(to carry the run to another machine: cat the parts into OUT/checkpoint.pt, then --resume)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a Config field, e.g. --set causal_batch=32 (repeatable)")
     args = p.parse_args(argv)
@@ -971,6 +1033,8 @@ def main(argv=None) -> int:
             break
         if time.monotonic() >= deadline or STOP.is_set():
             break
+    if args.portable:
+        run.save_portable(Path(args.portable))
     if not args.no_finish and run.progress["vae"]["steps"] > 0:
         finish(run, START + budget - 0.5 * reserve)
     run.write_logs()
