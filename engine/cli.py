@@ -43,6 +43,7 @@ def generate(
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same video."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu)."),
+    fast: str = typer.Option("auto", help="Fast path: auto (kernels + torch.compile on CUDA), on, off or fp8."),
     out: Path = typer.Option(Path("video.mp4"), "--out", "-o", help="Output MP4 path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -56,9 +57,11 @@ def generate(
             _fail(f"--out {out} is a directory; expected a file path ending in .mp4")
         if not out.parent.exists():
             _fail(f"--out: folder {out.parent} does not exist")
+        from engine.fast import apply_fast_path
         from engine.pipeline import VideoPipeline
 
         pipe = VideoPipeline.from_pretrained(model, device=device, dtype=dtype)
+        apply_fast_path(pipe, fast)
         params = pipe.resolve(
             GenerationParams(
                 prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, frames=frames, fps=fps,
@@ -121,6 +124,7 @@ def worker(
     device: Optional[str] = typer.Option(None, help="Device to pin this worker to, e.g. cuda:0."),
     precision: Optional[str] = typer.Option(None, help="auto, torch, bf16, fp8 or nvfp4 (TensorRT precisions need --engine)."),
     engine_path: Optional[str] = typer.Option(None, "--engine", help="A TensorRT engine folder to run the transformer."),
+    fast: Optional[str] = typer.Option(None, help="Fast path of a PyTorch denoiser: auto, on, off or fp8 (default: SANA_WORKER_FAST, else auto)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Port of this worker's /metrics (0 = off)."),
     burst: bool = typer.Option(False, help="Exit when the queue is empty."),
 ) -> None:
@@ -130,7 +134,7 @@ def worker(
 
     try:
         run_worker(model=model, device=device, precision=precision, engine_path=engine_path,
-                   metrics_port=metrics_port, burst=burst)
+                   metrics_port=metrics_port, burst=burst, fast=fast)
     except EngineError as exc:
         _fail(str(exc))
 

@@ -12,6 +12,7 @@
   so norms, modulation, gates and residuals fuse into a few memory passes.
 The block-causal state (BlockState) is read and committed outside the compiled region, exactly as the reference
 block does. ``GraphedTransformer`` adds CUDA-graph replay for fixed-shape clip steps.
+``apply_fast_path(pipe, mode)`` is how a worker or the CLI picks between this and the reference for a pipeline.
 
 The reference model (engine/model.py) is untouched; tests pin ``FastBlock`` to ``TransformerBlock``.
 """
@@ -29,6 +30,10 @@ from engine.kernels import linear_attention as la
 from engine.kernels import mixffn
 from engine.kernels.fp8 import FP8Linear, fp8_supported
 from engine.model import LINEAR_ATTENTION_EPS, RotaryPosEmbed, SanaVideoTransformer, TransformerBlock
+from engine.trt import MIN_CAPABILITY, BackendError, gpu_capability
+
+# What apply_fast_path accepts (server/settings.py's FastMode lists the same).
+FAST_MODES = ("auto", "on", "off", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +245,41 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
     model.fast_settings = FastSettings(kernels=kernels, fp8=fp8, compile=compile, compile_mode=compile_mode,
                                        compile_backend=compile_backend)
     return model
+
+
+def apply_fast_path(pipe, mode: str = "auto") -> str:
+    """Make ``pipe.transformer`` (an ``engine.pipeline.VideoPipeline``'s denoiser) fast in place, as ``mode`` asks.
+
+    "auto": the fast path (Triton kernels + regional torch.compile) for a PyTorch transformer on CUDA, the
+    reference elsewhere. "on": the fast path anywhere; off CUDA it runs the kernels' PyTorch references, uncompiled
+    (the same restructured math, so tests can pin it). "off": the reference. "fp8": the fast path with scaled-FP8
+    block linears; needs a CUDA GPU of compute capability >= 8.9. A TensorRT denoiser is left as it is.
+
+    Returns what now runs the denoiser: "reference", "fast", "fast-fp8", or "tensorrt" (not a PyTorch
+    ``SanaVideoTransformer``: untouched whatever the mode). Raises BackendError for an unknown mode or for "fp8"
+    where FP8 cannot run. Compilation happens on the first forward of each input shape (the first job pays it).
+    """
+    mode = str(mode).lower()
+    if mode not in FAST_MODES:
+        raise BackendError(f"fast path mode {mode!r} (accepted: {', '.join(FAST_MODES)})")
+    model = pipe.transformer
+    if not isinstance(model, SanaVideoTransformer):
+        return "tensorrt"
+    on_cuda = model.device.type == "cuda"
+    if mode == "off" or (mode == "auto" and not on_cuda):
+        return "reference"
+    fp8 = mode == "fp8"
+    if fp8:
+        need = MIN_CAPABILITY["fp8"]
+        capability = gpu_capability(model.device) if on_cuda else None
+        if capability is None or tuple(capability) < need:
+            where = "no CUDA GPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+            raise BackendError(
+                f"fast path fp8 needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}; the model is on "
+                f"{model.device} ({where}) (accepted here: {', '.join(m for m in FAST_MODES if m != 'fp8')})"
+            )
+    optimize(model, kernels=True, fp8=fp8, compile=on_cuda)
+    return "fast-fp8" if fp8 else "fast"
 
 
 def compile_blocks(model: SanaVideoTransformer, mode: str | None = None, backend: str = "inductor") -> None:

@@ -143,6 +143,9 @@ class WorkerInfo(BaseModel):
     device: str
     precision: str = Field(description="What runs the denoiser: torch, or a TensorRT engine precision.")
     precision_requested: str | None = None
+    fast: str | None = Field(None, description="The PyTorch denoiser's path: reference, fast, fast-fp8, or "
+                             "tensorrt (a TensorRT denoiser, no fast path).")
+    fast_requested: str | None = None
     dtype: str | None = None
     host: str | None = None
     busy: bool = False

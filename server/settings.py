@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Precision = Literal["auto", "torch", "nvfp4", "fp8", "bf16"]
+FastMode = Literal["auto", "on", "off", "fp8"]  # engine.fast.FAST_MODES
 
 
 class Settings(BaseSettings):
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
         "auto",
         description="Default worker denoiser: auto (the best TensorRT engine this GPU can run, else torch), torch, "
         "or an engine precision (nvfp4, fp8, bf16; needs the worker's --engine folder).",
+    )
+    worker_fast: FastMode = Field(
+        "auto",
+        description="Default fast path of a worker's PyTorch denoiser: auto (fused kernels + torch.compile on CUDA, "
+        "the reference elsewhere), on, off, or fp8 (also FP8 linears; needs compute capability >= 8.9).",
     )
     worker_engine: str | None = Field(
         None, description="Default folder of the worker's TensorRT engines (what --engine gives one worker)."

@@ -1,7 +1,8 @@
 """The job API end to end: a real redis-server, the API under uvicorn, worker processes on the tiny presets.
 
-One API and two workers (``tiny``: clips, ``tiny-causal``: streams) serve the whole module. Chunk streams keep
-only 8 entries here, so replays of finished jobs read their early chunks back from the output files.
+One API and two workers (``tiny``: clips, ``tiny-causal``: streams, on the fast path) serve the whole module.
+Chunk streams keep only 8 entries here, so replays of finished jobs read their early chunks back from the output
+files.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def stack(services):
     api = services.api()
     metrics_port = free_port()
     clip = services.worker("tiny", wait=False, metrics_port=metrics_port)
-    stream = services.worker("tiny-causal", wait=False)
+    stream = services.worker("tiny-causal", wait=False, SANA_WORKER_FAST="on")  # FastBlocks (CPU references)
     services.wait_worker(clip)
     services.wait_worker(stream)
     client = httpx.Client(base_url=api, timeout=30)
@@ -45,6 +46,9 @@ def test_models_list_live_workers_with_limits(stack):
     assert models["tiny"]["workers"][0]["device"] == "cpu"
     assert models["tiny"]["precision"] == ["torch"]  # auto, with no TensorRT engine: the PyTorch denoiser
     assert models["tiny"]["workers"][0]["precision_requested"] == "auto"
+    assert models["tiny"]["workers"][0]["fast"] == "reference"  # auto on CPU
+    assert models["tiny"]["workers"][0]["fast_requested"] == "auto"
+    assert models["tiny-causal"]["workers"][0]["fast"] == "fast"
     assert models["tiny"]["limits"]["max_pixels"] == 256 * 256
     assert models["tiny-causal"]["defaults"]["mode"] == "stream"
     ready = stack.client.get("/readyz")

@@ -1,7 +1,7 @@
 """Which models are served: each worker registers itself in Redis and refreshes it every heartbeat.
 
-``sana:worker:<name>`` is a hash (model, device, precision, limits, busy job...) that expires when the worker
-stops heartbeating; the sorted set ``sana:workers`` indexes them by expiry time so readers never SCAN.
+``sana:worker:<name>`` is a hash (model, device, precision, fast path, limits, busy job...) that expires when
+the worker stops heartbeating; the sorted set ``sana:workers`` indexes them by expiry time so readers never SCAN.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ class Engine:
     worker_name: str
     device: str
     precision: str  # what runs the denoiser: "torch" or an engine precision (nvfp4, fp8, bf16)
+    fast: str = "reference"  # engine.fast.apply_fast_path's label: reference, fast, fast-fp8 or tensorrt
     engines: tuple[str, ...] = ()  # TensorRT engine folders in use
 
 
@@ -42,10 +43,13 @@ _engine: Engine | None = None
 
 
 def load_engine(model: str, device: str, precision: str, worker_name: str,
-                engine_path: str | None = None) -> Engine:
+                engine_path: str | None = None, fast: str = "auto") -> Engine:
     """Load the pipeline once for the life of the worker process, with the denoiser ``precision`` asks for:
     "torch" (the PyTorch transformer), "nvfp4"/"fp8"/"bf16" (TensorRT engines under ``engine_path``), or "auto"
-    (the best this GPU and those engines allow, else torch). Raises engine errors that say what is missing."""
+    (the best this GPU and those engines allow, else torch); a PyTorch denoiser then gets the fast path ``fast``
+    asks for (auto, on, off, fp8; see ``engine.fast.apply_fast_path``). Raises engine errors that say what is
+    missing."""
+    from engine.fast import apply_fast_path
     from engine.pipeline import VideoPipeline
     from engine.trt import load_denoiser
 
@@ -53,8 +57,9 @@ def load_engine(model: str, device: str, precision: str, worker_name: str,
     pipe = VideoPipeline.from_pretrained(model, device=device)
     choice = load_denoiser(pipe, precision, engine_path)
     pipe.transformer = choice.module
+    label = apply_fast_path(pipe, fast)
     _engine = Engine(pipe=pipe, worker_name=worker_name, device=str(pipe.device), precision=choice.precision,
-                     engines=tuple(str(f) for f in choice.engines))
+                     fast=label, engines=tuple(str(f) for f in choice.engines))
     # Everything alive now lives as long as the process: keep it out of the collector's way, so the
     # collection after each job (free_memory) takes microseconds instead of a second.
     gc.collect()

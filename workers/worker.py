@@ -114,11 +114,13 @@ def pick_device(device: str | None) -> str:
 
 
 def run_worker(model: str | None = None, device: str | None = None, precision: str | None = None,
-               engine_path: str | None = None, metrics_port: int | None = None, burst: bool = False) -> None:
+               engine_path: str | None = None, metrics_port: int | None = None, burst: bool = False,
+               fast: str | None = None) -> None:
     """Load ``model`` on ``device`` and serve its queue until stopped (Ctrl-C: finish the job, then exit).
 
     ``precision`` picks the denoiser (auto, torch, nvfp4, fp8, bf16; see ``engine.trt.load_denoiser``), from the
-    TensorRT engines under ``engine_path`` for the engine precisions. ``burst`` exits once the queue is empty.
+    TensorRT engines under ``engine_path`` for the engine precisions; ``fast`` the fast path of a PyTorch denoiser
+    (auto, on, off, fp8; see ``engine.fast.apply_fast_path``). ``burst`` exits once the queue is empty.
     """
     import torch
 
@@ -126,6 +128,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = model or settings.model
     precision = precision or settings.worker_precision
+    fast = fast or settings.worker_fast
     engine_path = engine_path or settings.worker_engine
     device = pick_device(device or settings.worker_device)
     if device.startswith("cuda"):
@@ -134,10 +137,11 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
 
     # /metrics answers while the model loads (container healthchecks); the heartbeat gauge starts after.
     metrics.serve_metrics(settings.worker_metrics_port if metrics_port is None else metrics_port)
-    log.info("loading %s on %s (precision %s)", model, device, precision)
-    engine = tasks.load_engine(model, device, precision, name, engine_path)
+    log.info("loading %s on %s (precision %s, fast path %s)", model, device, precision, fast)
+    engine = tasks.load_engine(model, device, precision, name, engine_path, fast)
     pipe = engine.pipe
-    log.info("denoiser: %s%s", engine.precision, f" ({', '.join(engine.engines)})" if engine.engines else "")
+    log.info("denoiser: %s, %s%s", engine.precision, engine.fast,
+             f" ({', '.join(engine.engines)})" if engine.engines else "")
 
     models = list(dict.fromkeys([pipe.name, canonical_model(model)]))
     defaults = pipe.resolve(GenerationParams(prompt="defaults")).to_dict()
@@ -146,6 +150,8 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
         "device": engine.device,
         "precision": engine.precision,
         "precision_requested": precision,
+        "fast": engine.fast,
+        "fast_requested": fast,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "engines": list(engine.engines),
         "host": socket.gethostname(),

@@ -1,0 +1,73 @@
+"""``engine.fast.apply_fast_path``: which denoiser a pipeline runs for each mode, and that the fast one makes the
+same video as the reference (clip and stream presets, same seed, decoded frames). On CPU "on" runs the fast block
+structure with the kernels' PyTorch references; the CUDA kernels and compile are pinned in test_fast_block.py."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.fast import FastBlock, apply_fast_path
+from engine.model import TransformerBlock
+from engine.pipeline import VideoPipeline
+from engine.trt import BackendError, TRTDenoiser
+from engine.types import GenerationParams
+
+
+def video(pipe, seed=7):
+    params = pipe.resolve(GenerationParams(prompt="a red circle moving left", frames=17, seed=seed))
+    return np.concatenate([c.frames for c in pipe.generate(params)])
+
+
+def block_types(pipe) -> set[type]:
+    return {type(b) for b in pipe.transformer.transformer_blocks}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-causal"])  # clip, stream (block-causal with a BlockState)
+def test_fast_path_makes_the_reference_video(preset):
+    reference = VideoPipeline.from_pretrained(preset, device="cpu")
+    fast = VideoPipeline.from_pretrained(preset, device="cpu")
+    assert apply_fast_path(fast, "on") == "fast"
+    assert block_types(fast) == {FastBlock} and fast.transformer.fast_settings.compile is False
+    expected, got = video(reference), video(fast)
+    assert got.shape == expected.shape == (17, 64, 64, 3)
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 1e-3  # rounding of a few pixels at most
+    assert np.abs(video(fast, seed=8).astype(int) - expected.astype(int)).mean() > 1.0  # the comparison can fail
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return VideoPipeline.from_pretrained("tiny", device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["auto", "off", "OFF"])
+def test_auto_and_off_keep_the_reference_on_cpu(pipe, mode):
+    assert apply_fast_path(pipe, mode) == "reference"
+    assert block_types(pipe) == {TransformerBlock} and not hasattr(pipe.transformer, "fast_settings")
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("turbo", r"fast path mode 'turbo' \(accepted: auto, on, off, fp8\)"),
+    ("fp8", r"fast path fp8 needs a CUDA GPU of compute capability >= 8\.9; the model is on cpu \(no CUDA GPU\) "
+            r"\(accepted here: auto, on, off\)"),
+])
+def test_unknown_mode_and_fp8_without_an_fp8_gpu_are_typed_errors(pipe, mode, message):
+    with pytest.raises(BackendError, match=message):
+        apply_fast_path(pipe, mode)
+    assert block_types(pipe) == {TransformerBlock}  # nothing half-converted
+
+
+def test_a_tensorrt_denoiser_is_left_alone(pipe):
+    runner = SimpleNamespace(sidecar=SimpleNamespace(precision="bf16"), device=torch.device("cpu"))
+    original = pipe.transformer
+    pipe.transformer = TRTDenoiser([runner], original.config, fallback=original)
+    try:
+        for mode in ("auto", "on", "off", "fp8"):
+            assert apply_fast_path(pipe, mode) == "tensorrt"
+        with pytest.raises(BackendError, match="accepted: auto, on, off, fp8"):
+            apply_fast_path(pipe, "fast")
+    finally:
+        pipe.transformer = original
+    assert block_types(pipe) == {TransformerBlock}
