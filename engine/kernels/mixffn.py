@@ -119,7 +119,8 @@ if triton is not None:
         o_img = o_ptr + img * stride_oi
         for i in range(ROWS + 2):
             r = y0 - 1 + i
-            row_ok = (r >= 0) & (r < H)
+            rows_r = offs_w * 0 + r  # a block, not a scalar: the Triton interpreter turns a scalar & block into int32
+            row_ok = (rows_r >= 0) & (rows_r < H)
             x_row = x_img + r * stride_xh
             al = _act_row(x_row, offs_w, -1, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
             ac = _act_row(x_row, offs_w, 0, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
