@@ -71,3 +71,23 @@ def test_a_tensorrt_denoiser_is_left_alone(pipe):
     finally:
         pipe.transformer = original
     assert block_types(pipe) == {TransformerBlock}
+
+
+CUDA = torch.cuda.is_available()
+FP8 = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: the Triton kernels and torch.compile run on the GPU")
+@pytest.mark.parametrize("preset", ["tiny", "tiny-causal"])
+@pytest.mark.parametrize("mode", ["auto", pytest.param("fp8", marks=pytest.mark.skipif(not FP8, reason="needs FP8"))])
+def test_fast_path_on_cuda_makes_the_reference_video(preset, mode):
+    """What a worker on a GPU runs by default ("auto": kernels + compile) and with --fast fp8, against the bf16
+    reference on the same GPU: the same video to bf16 (and FP8) rounding, far closer than another seed's video."""
+    reference = VideoPipeline.from_pretrained(preset, device="cuda")
+    fast = VideoPipeline.from_pretrained(preset, device="cuda")
+    assert apply_fast_path(fast, mode) == ("fast-fp8" if mode == "fp8" else "fast")
+    expected, got = video(reference), video(fast)
+    error = np.abs(got.astype(int) - expected.astype(int)).mean()
+    other = np.abs(video(reference, seed=8).astype(int) - expected.astype(int)).mean()
+    print(f"{preset} {mode}: mean |fast - reference| {error:.3f} levels, another seed {other:.3f}")
+    assert error < (6.0 if mode == "fp8" else 2.0) and error < other / 4

@@ -130,3 +130,18 @@ def test_weighted_state_weighs_committed_blocks():
         model(x, text, t, mask, state=weighted, commit=True)
     assert torch.allclose(weighted.S[:, 0], plain.S[:, 0]) and torch.allclose(weighted.S[:, 1], 3 * plain.S[:, 1])
     assert torch.allclose(weighted.z[:, 1], 3 * plain.z[:, 1]) and torch.equal(weighted.conv, plain.conv)
+
+
+def test_extend_reopens_a_finished_phase_for_more_minutes(tmp_path):
+    from training.train import Run, parse_args
+
+    args = parse_args(["--out", str(tmp_path), "--device", "cpu", "--extend", "--phases", "clip",
+                       "--phase-minutes", "0,2,0"])
+    run = Run(args, Config.smoke())
+    run.progress["clip"].update(steps=100, seconds=240.0, target_seconds=240.0, done=True)
+    run.progress["vae"].update(steps=50, seconds=60.0, target_seconds=60.0, done=True)
+    run.reopen(args.phases, args.phase_minutes)
+    assert not run.progress["clip"]["done"] and run.progress["vae"]["done"]  # only the named phase
+    run.plan(deadline=__import__("time").monotonic() + 600)
+    assert run.remaining == {"clip": pytest.approx(120.0)}
+    assert run.progress["clip"]["target_seconds"] == pytest.approx(360.0)

@@ -130,7 +130,7 @@ class Config:
     ema_decay: float = 0.999
     pool_clips: int = 8192  # latent ring buffer (clip phase); the causal one holds half as many, 4x longer
     pool_refresh: int = 128  # clips rendered, encoded and replaced at once (few large calls: less launch overhead)
-    pool_refresh_every: int = 4  # steps between refreshes at least; more when encoding takes over 25% of the time
+    pool_refresh_every: int = 8  # steps between refreshes at least; more when encoding takes over 15% of the time
     grad_clip: float = 1.0
     val_clips: int = 64
     # Evaluation at the end.
@@ -429,12 +429,14 @@ class Run:
         todo = [p for p in PHASES if not self.finished(p)]
         explicit = self.args.phase_minutes
         for i, p in enumerate(PHASES):
-            if p in todo and self.progress[p]["target_seconds"] <= 0:
-                if explicit:
+            if p in todo and self.progress[p]["target_seconds"] <= self.progress[p]["seconds"]:
+                if explicit and self.progress[p]["seconds"] > 0:
+                    self.progress[p]["target_seconds"] = self.progress[p]["seconds"] + 60.0 * explicit[i]
+                elif explicit:
                     self.progress[p]["target_seconds"] = 60.0 * explicit[i]
                 else:
                     share = self.cfg.phase_weights[i] / sum(self.cfg.phase_weights[PHASES.index(q)] for q in todo)
-                    self.progress[p]["target_seconds"] = share * available
+                    self.progress[p]["target_seconds"] = self.progress[p]["seconds"] + share * available
         remaining = {p: max(0.0, self.progress[p]["target_seconds"] - self.progress[p]["seconds"]) for p in todo}
         total = sum(remaining.values())
         if total > available > 0:
@@ -494,7 +496,7 @@ class Run:
             self.log_loss(phase, loss_sum.item() / loss_steps, loss_steps / max(time.monotonic() - last_log, 1e-6))
         self.validate(phase, val_batch)
         prog["seconds"] = seconds_before + time.monotonic() - phase_start
-        if prog["seconds"] >= prog["target_seconds"] - 1e-6:
+        if prog["seconds"] >= prog["target_seconds"] - 1.0:  # the loop checks two clocks: within a second is done
             prog["done"] = True
         if phase == "vae":
             self.measure_latent_stats()
@@ -508,6 +510,17 @@ class Run:
         data_note = f", pool refresh every {pool.every} steps ({pool.seconds:.0f}s)" if pool is not None else ""
         log(f"{phase} step {prog['steps']} loss {loss:.5f} ({steps_per_second:.1f} steps/s, batch {prog['batch']}"
             f"{data_note}, {prog['seconds']:.0f}/{prog['target_seconds']:.0f}s)")
+
+    def reopen(self, phases: list[str], minutes: list[float] | None) -> None:
+        """--extend: finished phases named in --phases train on, for their --phase-minutes more (else their share of
+        this run); the learning-rate schedule restarts from where the longer target puts it."""
+        for i, p in enumerate(PHASES):
+            prog = self.progress[p]
+            if p in phases and prog["done"]:
+                prog["done"] = False
+                prog["target_seconds"] = 0.0 if not minutes else prog["seconds"] + 60.0 * minutes[i]
+                prog["extended_from_step"] = prog["steps"]
+                log(f"{p}: extended from step {prog['steps']}")
 
     def finished(self, phase: str) -> bool:
         """Nothing left for this run: its time target is met (for good), or --max-steps (for this run), or not asked."""
@@ -632,7 +645,7 @@ class Run:
 
     def maybe_refresh(self, prog) -> None:
         """Replace ``pool_refresh`` clips of the pool every few steps; refresh less often while encoding takes more
-        than a quarter of the phase's time, more often (down to every ``pool_refresh_every`` steps) below a tenth."""
+        than 15% of the phase's time, more often (down to every ``pool_refresh_every`` steps) below a tenth."""
         if prog["steps"] < self.pool.next_refresh:
             return
         t0 = time.monotonic()
@@ -641,9 +654,9 @@ class Run:
             torch.cuda.synchronize()
         self.pool.seconds += time.monotonic() - t0
         share = self.pool.seconds / max(time.monotonic() - self.pool.created, 1e-6)
-        if share > 0.25:
+        if share > 0.15:
             self.pool.every *= 2
-        elif share < 0.1:
+        elif share < 0.05:
             self.pool.every = max(self.cfg.pool_refresh_every, self.pool.every // 2)
         self.pool.next_refresh = prog["steps"] + self.pool.every
 
@@ -912,7 +925,6 @@ def finish(run: Run, deadline: float) -> dict:
             report[f"{phase}_sampling"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()}
             pipe = run.pipeline(phase, dtype=torch.float32, sampling=sampling)
             r = evaluate_pipeline(pipe, cases, batch=32, frames=run.cfg.eval_frames)
-            r.pop("records")
             report[f"{phase}_held_out"] = r
             log(f"{phase} held-out: colour {r['colour_accuracy']:.3f} motion {r['motion_accuracy']:.3f}")
             if phase == "causal" and run.cfg.stream_check_seconds > 0 and not STOP.is_set():
@@ -960,6 +972,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     p.add_argument("--phase-minutes", default=None, help="minutes of each phase (vae,clip,causal), e.g. 5,1.5,1.5; scaled down together if they exceed the budget")
+    p.add_argument("--extend", action="store_true", help="with --resume: train finished phases named in --phases "
+                   "further (--phase-minutes more minutes, else their share of the budget)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each phase after this many steps (0: time only)")
     p.add_argument("--reserve-seconds", type=float, default=None, help="kept for export and evaluation")
     p.add_argument("--checkpoint-seconds", type=float, default=60.0)
@@ -1020,6 +1034,8 @@ def main(argv=None) -> int:
         + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for n, m in run.models.items()))
     if args.resume:
         run.load_checkpoint()
+    if args.extend:
+        run.reopen(args.phases, args.phase_minutes)
     run.plan(deadline)
     failed = False
     for phase in PHASES:
