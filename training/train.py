@@ -358,6 +358,8 @@ class Run:
         for n, m in self.models.items():
             if n in state["models"]:
                 m.load_state_dict(state["models"][n])
+            elif n in state["best"]:  # a finished phase (portable): training on (--extend) starts from its best
+                m.load_state_dict(state["best"][n])
             if n in state["ema"]:
                 self.emas[n].module.load_state_dict(state["ema"][n])
             elif n in state["best"]:
@@ -534,7 +536,8 @@ class Run:
         if self.args.max_steps:
             progress = max(progress, prog["steps"] / self.args.max_steps)
         warmup = self.cfg.causal_warmup_steps if phase == "causal" else self.cfg.warmup_steps
-        lr = cosine_lr(base, progress, prog["steps"], warmup)
+        # An extended phase may start with fresh optimizer moments (portable checkpoints drop them): warm up again.
+        lr = cosine_lr(base, progress, prog["steps"] - prog.get("extended_from_step", 0), warmup)
         for g in self.optims[phase].param_groups:
             g["lr"] = lr
 

@@ -55,7 +55,8 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xq, xs = quantize_rowwise(x.reshape(-1, self.in_features))
+        # _scaled_mm takes a row-major activation only; stream blocks can hand in a transposed view.
+        xq, xs = quantize_rowwise(x.reshape(-1, self.in_features).contiguous())
         if self.impl == "torch":
             out = ((xq.float() * xs) @ self.dequantized_weight().t()).to(self.out_dtype)
         else:
