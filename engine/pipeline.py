@@ -11,6 +11,7 @@ Progress is reported after every transformer forward; cancellation is checked be
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -57,6 +58,27 @@ def frames_of_blocks(blocks: list[int]) -> list[int]:
 def shifted_sigma(t: float, shift: float) -> float:
     s = t / 1000.0
     return shift * s / (1 + (shift - 1) * s)
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """diffusers/transformers loading chatter (progress bars, "accelerate not found", dtype advice) off for a load:
+    the CLI prints its own progress and errors surface as CheckpointError."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error(), tlog.set_verbosity_error()
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0]), tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
 
 
 class VideoPipeline:
@@ -127,9 +149,10 @@ class VideoPipeline:
                 overrides["stream_timesteps"] = tuple(overrides["stream_timesteps"])
         preset = dataclasses.replace(base, name=name, causal=transformer.causal, source=str(folder), **overrides)
         try:
-            vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae").eval()
-            tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
-            encoder = Gemma2Model.from_pretrained(folder, subfolder="text_encoder").eval()
+            with _quiet_libraries():
+                vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae").eval()
+                tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+                encoder = Gemma2Model.from_pretrained(folder, subfolder="text_encoder").eval()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{folder}: could not load a component ({exc})") from exc
         if encoder.config.hidden_size != transformer.config.caption_channels:
@@ -145,9 +168,10 @@ class VideoPipeline:
 
     @classmethod
     def _assemble(cls, name, preset, transformer, vae, text, sched, dev, dtype) -> "VideoPipeline":
-        transformer = transformer.to(device=dev, dtype=dtype).eval()
-        vae = vae.to(device=dev, dtype=dtype).eval()
-        text.to(device=dev, dtype=dtype)
+        with _quiet_libraries():  # diffusers' advice on keeping modules in fp32 does not apply to the Wan VAE
+            transformer = transformer.to(device=dev, dtype=dtype).eval()
+            vae = vae.to(device=dev, dtype=dtype).eval()
+            text.to(device=dev, dtype=dtype)
         return cls(name, preset, transformer, vae, text, sched, dev, dtype)
 
     def save_pretrained(self, folder: str | Path) -> Path:
