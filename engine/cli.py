@@ -16,7 +16,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SANA-Video inference server and engine.")
 
 DEFAULT_MODEL_ENV = "SANA_MODEL"
-FALLBACK_MODEL = "tiny"
+FALLBACK_MODEL = "demo"
 
 
 def default_model() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -175,7 +176,31 @@ _TINY_COMMON = dict(
     max_clip_frames=129,
 )
 
+# The small trained demo models shipped in engine/weights (training/README.md says how they were made): 64x64 clips
+# of one coloured shape moving on a plain background, from captions like "a red circle moving left on a blue
+# background". Sampling defaults here; the sana_video.json beside the weights may refine them.
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
+_DEMO_COMMON = dict(
+    height=64,
+    width=64,
+    fps=16,
+    flow_shift=3.0,
+    max_sequence_length=16,
+    use_instruction=False,
+    motion_score=None,
+    block_latent_frames=4,
+    stream_timesteps=(1000, 750, 500, 250),
+    stream_shift=3.0,
+    max_frames=4001,
+    max_clip_frames=81,
+    max_pixels=128 * 128,
+)
+
 PRESETS: dict[str, ModelPreset] = {
+    "demo": ModelPreset(name="demo", causal=False, source=str(DEMO_WEIGHTS / "demo"), frames=33, steps=12,
+                        guidance_scale=4.0, **_DEMO_COMMON),
+    "demo-causal": ModelPreset(name="demo-causal", causal=True, source=str(DEMO_WEIGHTS / "demo-causal"), frames=81,
+                               steps=4, guidance_scale=1.0, **_DEMO_COMMON),
     "tiny": ModelPreset(name="tiny", causal=False, seed=0, **_TINY_COMMON),
     "tiny-causal": ModelPreset(name="tiny-causal", causal=True, seed=1, **_TINY_COMMON),
     "sana-video-480p": ModelPreset(

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         description="Redis holding the job queues, job records and chunk streams (env REDIS_URL).",
     )
     model: str = Field(
-        "tiny",
+        "demo",
         description="Default model: used when a request names none, and accepted even before its worker is up.",
     )
     output_dir: Path = Field(

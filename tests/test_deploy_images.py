@@ -94,7 +94,8 @@ def test_dockerignore_keeps_the_context_small():
     for path in (".git/HEAD", "tests/test_deploy_images.py", "test-artifacts/page.png", "outputs/x.mp4",
                  "engine/__pycache__/model.cpython-311.pyc", "benchmarks/results/run.json"):
         assert ignored(path), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "README.md", "engine/model.py", "server/static/app.js", "docker/healthcheck.py"):
+    for path in ("pyproject.toml", "README.md", "engine/model.py", "server/static/app.js", "docker/healthcheck.py",
+                 "engine/weights/demo/transformer/diffusion_pytorch_model.safetensors"):
         assert not ignored(path), f"{path} is needed by the images but ignored"
 
 
