@@ -57,9 +57,11 @@ def generate(
             _fail(f"--out {out} is a directory; expected a file path ending in .mp4")
         if not out.parent.exists():
             _fail(f"--out: folder {out.parent} does not exist")
-        from engine.fast import apply_fast_path
+        from engine.fast import FAST_MODES, apply_fast_path
         from engine.pipeline import VideoPipeline
 
+        if fast.lower() not in FAST_MODES:  # before a model load that can take minutes
+            _fail(f"--fast {fast!r} (accepted: {', '.join(FAST_MODES)})")
         pipe = VideoPipeline.from_pretrained(model, device=device, dtype=dtype)
         apply_fast_path(pipe, fast)
         params = pipe.resolve(

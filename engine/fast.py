@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import linear_attention as la
-from engine.kernels import mixffn
+from engine.kernels import mixffn, triton_available
 from engine.kernels.fp8 import FP8Linear, fp8_supported
 from engine.model import LINEAR_ATTENTION_EPS, RotaryPosEmbed, SanaVideoTransformer, TransformerBlock
 from engine.trt import MIN_CAPABILITY, BackendError, gpu_capability
@@ -265,9 +265,18 @@ def apply_fast_path(pipe, mode: str = "auto") -> str:
     model = pipe.transformer
     if not isinstance(model, SanaVideoTransformer):
         return "tensorrt"
+    if hasattr(model, "fast_settings"):  # converted already: say what runs, do not convert twice
+        current = "fast-fp8" if model.fast_settings.fp8 else "fast"
+        if mode == "off" or (mode == "fp8" and not model.fast_settings.fp8):
+            raise BackendError(f"fast path mode {mode!r}: the model already runs {current} (load it again to change)")
+        return current
     on_cuda = model.device.type == "cuda"
-    if mode == "off" or (mode == "auto" and not on_cuda):
+    # torch.compile on CUDA needs Triton (inductor's GPU code generator); without it the reference is what works.
+    compiles = on_cuda and triton_available()
+    if mode == "off" or (mode == "auto" and not compiles):
         return "reference"
+    if on_cuda and not compiles:
+        raise BackendError(f"fast path {mode} on CUDA needs Triton (pip install triton) (accepted here: auto, off)")
     fp8 = mode == "fp8"
     if fp8:
         need = MIN_CAPABILITY["fp8"]
@@ -278,7 +287,7 @@ def apply_fast_path(pipe, mode: str = "auto") -> str:
                 f"fast path fp8 needs a CUDA GPU of compute capability >= {need[0]}.{need[1]}; the model is on "
                 f"{model.device} ({where}) (accepted here: {', '.join(m for m in FAST_MODES if m != 'fp8')})"
             )
-    optimize(model, kernels=True, fp8=fp8, compile=on_cuda)
+    optimize(model, kernels=True, fp8=fp8, compile=compiles)
     return "fast-fp8" if fp8 else "fast"
 
 

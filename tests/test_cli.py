@@ -68,6 +68,7 @@ def mismatched_checkpoint(tmp_path_factory):
         (["--dtype", "int4"], "unknown dtype"),
         (["--mode", "stream"], "cannot stream"),
         (["--steps", "0"], "steps"),
+        (["--fast", "turbo"], "--fast 'turbo' (accepted: auto, on, off, fp8)"),
     ],
 )
 def test_bad_input_exit_2_and_no_file(tmp_path, args, message):

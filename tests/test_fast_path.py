@@ -91,3 +91,13 @@ def test_fast_path_on_cuda_makes_the_reference_video(preset, mode):
     other = np.abs(video(reference, seed=8).astype(int) - expected.astype(int)).mean()
     print(f"{preset} {mode}: mean |fast - reference| {error:.3f} levels, another seed {other:.3f}")
     assert error < (6.0 if mode == "fp8" else 2.0) and error < other / 4
+
+
+def test_a_converted_model_is_not_converted_again():
+    pipe = VideoPipeline.from_pretrained("tiny", device="cpu")
+    assert apply_fast_path(pipe, "on") == "fast"
+    blocks = list(pipe.transformer.transformer_blocks)
+    assert apply_fast_path(pipe, "auto") == apply_fast_path(pipe, "on") == "fast"
+    assert list(pipe.transformer.transformer_blocks) == blocks
+    with pytest.raises(BackendError, match="already runs fast"):
+        apply_fast_path(pipe, "off")
