@@ -135,7 +135,7 @@ def test_weighted_state_weighs_committed_blocks():
 def test_extend_reopens_a_finished_phase_for_more_minutes(tmp_path):
     from training.train import Run, parse_args
 
-    args = parse_args(["--out", str(tmp_path), "--device", "cpu", "--extend", "--phases", "clip",
+    args = parse_args(["--out", str(tmp_path), "--device", "cpu", "--resume", "--extend", "--phases", "clip",
                        "--phase-minutes", "0,2,0"])
     run = Run(args, Config.smoke())
     run.progress["clip"].update(steps=100, seconds=240.0, target_seconds=240.0, done=True)
@@ -145,3 +145,11 @@ def test_extend_reopens_a_finished_phase_for_more_minutes(tmp_path):
     run.plan(deadline=__import__("time").monotonic() + 600)
     assert run.remaining == {"clip": pytest.approx(120.0)}
     assert run.progress["clip"]["target_seconds"] == pytest.approx(360.0)
+
+
+def test_extend_needs_resume(tmp_path, capsys):
+    from training.train import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--out", str(tmp_path), "--extend"])
+    assert exc.value.code == 2 and "--extend trains on from a checkpoint: add --resume" in capsys.readouterr().err

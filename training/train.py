@@ -370,7 +370,10 @@ class Run:
                 o.load_state_dict(state["optims"][n])
         self.best = state["best"]
         for p in PHASES:
-            self.progress[p].update(state["progress"][p])
+            saved = dict(state["progress"][p])
+            if not saved.get("steps"):  # a phase not started takes its batch from this run's config (--set)
+                saved.pop("batch", None)
+            self.progress[p].update(saved)
         self.history, self.validation = state["history"], state["validation"]
         stats = self.progress["vae"].get("latent_stats")
         if stats:
@@ -648,7 +651,7 @@ class Run:
 
     def maybe_refresh(self, prog) -> None:
         """Replace ``pool_refresh`` clips of the pool every few steps; refresh less often while encoding takes more
-        than 15% of the phase's time, more often (down to every ``pool_refresh_every`` steps) below a tenth."""
+        than 15% of the phase's time, more often (down to every ``pool_refresh_every`` steps) below 5%."""
         if prog["steps"] < self.pool.next_refresh:
             return
         t0 = time.monotonic()
@@ -993,6 +996,8 @@ def parse_args(argv=None):
     unknown = [x for x in args.phases if x not in PHASES]
     if unknown:
         p.error(f"unknown phases {unknown} (accepted: {', '.join(PHASES)})")
+    if args.extend and not args.resume:
+        p.error("--extend trains on from a checkpoint: add --resume")
     if args.phase_minutes:
         args.phase_minutes = [float(x) for x in args.phase_minutes.split(",")]
         if len(args.phase_minutes) != len(PHASES):
