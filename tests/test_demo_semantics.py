@@ -48,9 +48,10 @@ def failures(result: dict) -> list[str]:
 
 
 # What the shipped weights reach on these 12 clips (CPU, fp32): demo 0.83 / 0.42, demo-causal 0.58 / 0.58. The
-# floors leave two clips of slack for other CPUs' rounding.
-FLOORS = {"demo": (0.66, 0.25), "demo-causal": (0.4, 0.4)}
-BELOW_BAR = pytest.mark.xfail(strict=True, reason="the shipped demo weights are below the issue's bar "
+# floors leave one or two clips of slack for other CPUs' rounding; a model that moves every object one way scores at
+# most 3/12 in motion (three held-out combinations per direction), below both motion floors.
+FLOORS = {"demo": (0.66, 0.33), "demo-causal": (0.4, 0.4)}
+BELOW_BAR = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the shipped demo weights are below the issue's bar "
                               "(held-out colour >= 0.9, motion >= 0.8); see benchmarks/results/demo/README.md")
 
 
@@ -112,7 +113,7 @@ def test_a_minute_of_stream_keeps_motion_and_flat_memory(minute_stream):
     pipe, case, report, held = minute_stream
     assert report["frames"] == 961 and report["blocks"] == 60
     bad = [b for b in report["per_block"] if b["motion"] != case.motion]
-    assert not bad, f"{case.prompt}: {len(bad)} blocks move wrong, e.g. {bad[:3]}"
+    assert len(bad) <= 3, f"{case.prompt}: {len(bad)} blocks move wrong, e.g. {bad[:3]}"  # shipped: 0 of 60
     # Flat memory: one state allocation of the model's size, and nothing more held after 60 blocks than after 5.
     cfg = 2 if pipe.preset.stream_guidance_scale > 1 else 1
     assert report["state_bytes"] == [BlockState.for_model(pipe.transformer, cfg, 8, 8).nbytes()]
@@ -120,10 +121,10 @@ def test_a_minute_of_stream_keeps_motion_and_flat_memory(minute_stream):
 
 
 @BELOW_BAR
-def test_a_minute_of_stream_keeps_the_colour(minute_stream):
+def test_a_minute_of_stream_keeps_colour_and_motion_in_every_block(minute_stream):
     _, case, report, _ = minute_stream
-    bad = [b for b in report["per_block"] if b["colour"] != case.colour]
-    assert not bad, f"{case.prompt}: {len(bad)} blocks of the wrong colour, e.g. {bad[:3]}"
+    bad = [b for b in report["per_block"] if (b["colour"], b["motion"]) != (case.colour, case.motion)]
+    assert not bad, f"{case.prompt}: {len(bad)} blocks off, e.g. {bad[:3]}"
 
 
 def test_the_default_model_is_demo():
