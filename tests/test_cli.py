@@ -101,25 +101,49 @@ def test_unknown_option_exit_2():
     assert result.exit_code == 2
 
 
-PEAK_RSS = (
-    "import resource, subprocess, sys; "
-    "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr)"
-)
+# Runs `sana-video generate` in this process and records the resident memory after every chunk the MP4 writer takes.
+RSS_PER_CHUNK = """
+import os, sys
+import engine.video as video
+from engine.cli import app
+
+page = os.sysconf("SC_PAGE_SIZE")
+rss = []
+write = video.Mp4FileWriter.write
+
+def recording_write(self, frames):
+    write(self, frames)
+    with open("/proc/self/statm") as f:
+        rss.append(int(f.read().split()[1]) * page)
+
+video.Mp4FileWriter.write = recording_write
+try:
+    app(sys.argv[1:])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print(" ".join(map(str, rss)))
+"""
 
 
 @pytest.mark.slow
-def test_stream_memory_801_frames_within_10_percent_of_81(tmp_path):
-    peaks = {}
-    for frames in (81, 801):
-        out = tmp_path / f"s{frames}.mp4"
-        cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "engine.cli", "generate", "--model", "tiny-causal",
-               "--prompt", "a red ball bouncing", "--frames", str(frames), "--steps", "1", "--out", str(out), "--quiet"]
-        # One intra-op thread: the scratch of a thread pool swings the peak by +-10% from run to run on 2 cores.
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-        code, peak_kib = proc.stdout.split()
-        assert code == "0", proc.stderr
-        peaks[frames] = int(peak_kib)
-        assert probe(out)["frames"] == frames
-    assert peaks[801] <= 1.10 * peaks[81], peaks
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from /proc")
+def test_stream_memory_is_flat_over_801_frames(tmp_path):
+    """A long stream through the CLI holds no more memory at its end than after its first blocks: the block state,
+    the VAE cache and the file writer are constant in size. (The peak RSS of whole runs swings +-10% from run to run,
+    so 81- and 801-frame peaks are not compared; measured here: quarter means 594, 586, 587, 587 MiB over 801 frames,
+    590, 588, 587, 587 over 2001.)"""
+    out = tmp_path / "s801.mp4"
+    args = ["generate", "--model", "tiny-causal", "--prompt", "a red ball bouncing", "--frames", "801", "--steps", "1",
+            "--out", str(out), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", RSS_PER_CHUNK, *args], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rss = [int(x) for x in proc.stdout.split()]
+    assert probe(out)["frames"] == 801 and len(rss) >= 60
+    # Each block allocates and frees its decode buffers, so the RSS after a chunk swings by tens of MiB; what must not
+    # happen is a trend. Mean of the second quarter of the chunks (settled) against the mean of the last quarter.
+    q = len(rss) // 4
+    early, late = sum(rss[q : 2 * q]) / q, sum(rss[-q:]) / q
+    mib = [round(x / 2**20) for x in rss[::6]]
+    assert late - early <= 16 * 2**20, f"resident memory grew {(late - early) / 2**20:.1f} MiB: {mib}"
