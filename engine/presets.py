@@ -180,7 +180,7 @@ _TINY_COMMON = dict(
 # of one coloured shape moving on a plain background, from captions like "a red circle moving left on a blue
 # background". Sampling defaults here; the sana_video.json beside the weights may refine them.
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
-_DEMO_COMMON = dict(
+DEMO_COMMON = dict(
     height=64,
     width=64,
     fps=16,
@@ -198,9 +198,9 @@ _DEMO_COMMON = dict(
 
 PRESETS: dict[str, ModelPreset] = {
     "demo": ModelPreset(name="demo", causal=False, source=str(DEMO_WEIGHTS / "demo"), frames=33, steps=12,
-                        guidance_scale=3.0, **_DEMO_COMMON),
+                        guidance_scale=3.0, **DEMO_COMMON),
     "demo-causal": ModelPreset(name="demo-causal", causal=True, source=str(DEMO_WEIGHTS / "demo-causal"), frames=81,
-                               steps=12, guidance_scale=4.0, stream_guidance_scale=3.0, **_DEMO_COMMON),
+                               steps=12, guidance_scale=4.0, stream_guidance_scale=3.0, **DEMO_COMMON),
     "tiny": ModelPreset(name="tiny", causal=False, seed=0, **_TINY_COMMON),
     "tiny-causal": ModelPreset(name="tiny-causal", causal=True, seed=1, **_TINY_COMMON),
     "sana-video-480p": ModelPreset(

@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.presets import TINY_TEXT_ENCODER, TINY_TRANSFORMER, ModelPreset, TransformerConfig  # noqa: E402
+from engine.presets import DEMO_COMMON, TINY_TEXT_ENCODER, TINY_TRANSFORMER, ModelPreset, TransformerConfig  # noqa: E402
 from engine.state import BlockState  # noqa: E402
 from training import data  # noqa: E402
 
@@ -88,12 +88,8 @@ SMOKE_VAE = dict(
 )
 
 # Sampling defaults written beside the weights (sana_video.json); the sweep at the end may replace steps/guidance.
-DEMO_SAMPLING = dict(
-    height=data.SIZE, width=data.SIZE, frames=33, fps=data.FPS, steps=12, guidance_scale=4.0, flow_shift=3.0,
-    max_sequence_length=16, use_instruction=False, motion_score=None, block_latent_frames=4,
-    stream_timesteps=(1000, 750, 500, 250), stream_shift=3.0, stream_guidance_scale=1.0,
-    max_frames=4001, max_clip_frames=81, max_pixels=128 * 128,
-)
+# The shared fields are the demo presets' own (engine/presets.py); the rest are the defaults before the sweep.
+DEMO_SAMPLING = dict(DEMO_COMMON, frames=33, steps=12, guidance_scale=4.0, stream_guidance_scale=1.0)
 CAUSAL_FRAMES = 81
 
 
