@@ -129,21 +129,23 @@ print(" ".join(map(str, rss)))
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from /proc")
 def test_stream_memory_is_flat_over_801_frames(tmp_path):
     """A long stream through the CLI holds no more memory at its end than after its first blocks: the block state,
-    the VAE cache and the file writer are constant in size. (The peak RSS of whole runs swings +-10% from run to run,
-    so 81- and 801-frame peaks are not compared; measured here: quarter means 594, 586, 587, 587 MiB over 801 frames,
-    590, 588, 587, 587 over 2001.)"""
+    the VAE cache and the file writer are constant in size. glibc's heap keeps freed decode buffers around and hands
+    them back at its own pace, so the plain resident size after a chunk swings by tens of MiB (CI once saw 568-675
+    MiB within one run). Large allocations go through mmap here instead, so freed memory leaves at once and the RSS
+    tracks what is alive: measured quarter means 573.0, 573.2, 573.2, 573.4 MiB over 801 frames."""
     out = tmp_path / "s801.mp4"
     args = ["generate", "--model", "tiny-causal", "--prompt", "a red ball bouncing", "--frames", "801", "--steps", "1",
             "--out", str(out), "--quiet"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+               MALLOC_ARENA_MAX="1")
     proc = subprocess.run([sys.executable, "-c", RSS_PER_CHUNK, *args], capture_output=True, text=True, timeout=900,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rss = [int(x) for x in proc.stdout.split()]
     assert probe(out)["frames"] == 801 and len(rss) >= 60
-    # Each block allocates and frees its decode buffers, so the RSS after a chunk swings by tens of MiB; what must not
-    # happen is a trend. Mean of the second quarter of the chunks (settled) against the mean of the last quarter.
+    # What must not happen is a trend: the mean of the second quarter of the chunks (settled) against the mean of the
+    # last quarter. A leak of 512 KiB per chunk (a frame batch kept alive) moves it by ~12 MiB.
     q = len(rss) // 4
     early, late = sum(rss[q : 2 * q]) / q, sum(rss[-q:]) / q
     mib = [round(x / 2**20) for x in rss[::6]]
-    assert late - early <= 16 * 2**20, f"resident memory grew {(late - early) / 2**20:.1f} MiB: {mib}"
+    assert late - early <= 6 * 2**20, f"resident memory grew {(late - early) / 2**20:.1f} MiB: {mib}"
