@@ -153,3 +153,38 @@ def test_extend_needs_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(["--out", str(tmp_path), "--extend"])
     assert exc.value.code == 2 and "--extend trains on from a checkpoint: add --resume" in capsys.readouterr().err
+
+
+def test_init_from_a_shipped_folder_trains_on_from_its_weights(resumed_run, tmp_path):
+    """--init-from starts the clip phase from a pipeline folder's weights and keeps its VAE untrained; the causal
+    phase starts from the trained clip model as usual."""
+    folder = resumed_run[0] / "export" / "demo"
+    out = tmp_path / "run"
+    proc = train("--out", str(out), "--init-from", str(folder), "--phases", "clip,causal", "--max-steps", "1")
+    assert "initialized the VAE and the clip model from" in proc.stdout
+    progress = json.loads((out / "losses.json").read_text())["progress"]
+    assert progress["vae"]["steps"] == 0 and progress["vae"]["done"]
+    assert progress["clip"]["initialized_from"] == str(folder)
+    assert progress["clip"]["steps"] == 1 and progress["causal"]["steps"] == 1
+    assert progress["causal"]["initialized_from"].startswith("clip step")
+    shipped = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    exported = load_file(out / "export" / "demo" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert shipped.keys() == exported.keys() and all(torch.equal(shipped[k], exported[k]) for k in shipped)
+    vae_config = json.loads((out / "export" / "demo" / "vae" / "config.json").read_text())
+    assert vae_config["latents_std"] == json.loads((folder / "vae" / "config.json").read_text())["latents_std"]
+    # The transformer moved on from the folder's weights (one optimizer step), but not far.
+    before = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "export" / "demo" / "transformer" / "diffusion_pytorch_model.safetensors")
+    diffs = [float((after[k].float() - before[k].float()).abs().max()) for k in before]
+    assert 0 < max(diffs) < 0.1
+
+
+def test_init_from_is_checked(tmp_path, capsys):
+    from training.train import parse_args
+
+    for argv, message in ((["--init-from", str(tmp_path)], "not a pipeline folder"),
+                          (["--init-from", str(ROOT / "engine" / "weights" / "demo"), "--resume"],
+                           "--init-from starts a new run")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--out", str(tmp_path), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err

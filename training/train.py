@@ -457,7 +457,8 @@ class Run:
         budget = self.remaining.get(phase, 0.0)
         # Everything the phase does counts towards its time: data, validation and checkpoints too.
         phase_start, seconds_before = time.monotonic(), prog["seconds"]
-        if phase == "causal" and prog["steps"] == 0 and self.progress["clip"]["steps"] > 0:
+        clip_trained = self.progress["clip"]["steps"] > 0 or "initialized_from" in self.progress["clip"]
+        if phase == "causal" and prog["steps"] == 0 and clip_trained and "initialized_from" not in prog:
             self.init_causal_from_clip()
         if phase != "vae":
             self.make_pool(phase)
@@ -669,6 +670,28 @@ class Run:
             ids = torch.where(keep[:, None], ids, self.empty_ids)
             mask = torch.where(keep[:, None], mask, self.empty_mask)
         return text(ids, attention_mask=mask)[0], mask
+
+    def init_from(self, folder: str) -> None:
+        """--init-from: start from a pipeline folder (diffusers format, e.g. engine/weights/demo) instead of seeded
+        weights. Its VAE and latent statistics make the VAE phase finished; its transformer and text encoder start the
+        phase of their kind (clip for a bidirectional model, causal for a block-causal one), from its first step."""
+        from engine.pipeline import VideoPipeline
+
+        pipe = VideoPipeline.from_pretrained(folder, device="cpu", dtype="fp32")
+        phase = "causal" if pipe.causal else "clip"
+        for name, module in (("vae", pipe.vae), (phase, pipe.transformer), (f"{phase}_text", pipe.text_encoder.model)):
+            state = state_to_cpu(module)
+            try:
+                self.models[name].load_state_dict(state)
+            except RuntimeError as exc:
+                raise SystemExit(f"--init-from {folder}: its {name} does not fit this run's configuration: {exc}")
+            self.emas[name].module.load_state_dict(state)
+            self.best[name] = state
+        stats = [list(pipe.vae.config.latents_mean), list(pipe.vae.config.latents_std)]
+        self.set_latent_stats(*stats)
+        self.progress["vae"].update(done=True, latent_stats=stats, initialized_from=str(folder))
+        self.progress[phase]["initialized_from"] = str(folder)
+        log(f"initialized the VAE and the {phase} model from {folder}")
 
     def init_causal_from_clip(self) -> None:
         """As the official LongLive models are made: the block-causal model starts from the bidirectional one (the
@@ -976,6 +999,9 @@ def parse_args(argv=None):
     p.add_argument("--phase-minutes", default=None, help="minutes of each phase (vae,clip,causal), e.g. 5,1.5,1.5; scaled down together if they exceed the budget")
     p.add_argument("--extend", action="store_true", help="with --resume: train finished phases named in --phases "
                    "further (--phase-minutes more minutes, else their share of the budget)")
+    p.add_argument("--init-from", action="append", default=[], metavar="FOLDER",
+                   help="start from a pipeline folder such as engine/weights/demo (its VAE counts as trained; its "
+                   "transformer and text encoder start the clip or causal phase); repeatable; not with --resume")
     p.add_argument("--max-steps", type=int, default=0, help="stop each phase after this many steps (0: time only)")
     p.add_argument("--reserve-seconds", type=float, default=None, help="kept for export and evaluation")
     p.add_argument("--checkpoint-seconds", type=float, default=60.0)
@@ -994,6 +1020,11 @@ def parse_args(argv=None):
         p.error(f"unknown phases {unknown} (accepted: {', '.join(PHASES)})")
     if args.extend and not args.resume:
         p.error("--extend trains on from a checkpoint: add --resume")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run; --resume continues one (use one of them)")
+    missing = [f for f in args.init_from if not Path(f, "model_index.json").is_file()]
+    if missing:
+        p.error(f"--init-from: not a pipeline folder (no model_index.json): {', '.join(missing)}")
     if args.phase_minutes:
         args.phase_minutes = [float(x) for x in args.phase_minutes.split(",")]
         if len(args.phase_minutes) != len(PHASES):
@@ -1038,6 +1069,8 @@ def main(argv=None) -> int:
         + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for n, m in run.models.items()))
     if args.resume:
         run.load_checkpoint()
+    for folder in args.init_from:
+        run.init_from(folder)
     if args.extend:
         run.reopen(args.phases, args.phase_minutes)
     run.plan(deadline)
@@ -1055,7 +1088,7 @@ def main(argv=None) -> int:
             break
     if args.portable:
         run.save_portable(Path(args.portable))
-    if not args.no_finish and run.progress["vae"]["steps"] > 0:
+    if not args.no_finish and (run.progress["vae"]["steps"] > 0 or "initialized_from" in run.progress["vae"]):
         finish(run, START + budget - 0.5 * reserve)
     run.write_logs()
     if args.pack:
