@@ -126,7 +126,10 @@ class Config:
     ema_decay: float = 0.999
     pool_clips: int = 8192  # latent ring buffer (clip phase); the causal one holds half as many, 4x longer
     pool_refresh: int = 128  # clips rendered, encoded and replaced at once (few large calls: less launch overhead)
-    pool_refresh_every: int = 8  # steps between refreshes at least; more when encoding takes over 15% of the time
+    pool_refresh_every: int = 8  # steps between refreshes at least; more when encoding takes over pool_max_share
+    # Share of a phase's time that encoding fresh clips may take. On a GPU, 0.15 keeps the pool fresh; on a CPU the VAE
+    # encoder is slow and 0.15 leaves a pool of a few hundred clips that a fine-tune overfits (validation loss rose).
+    pool_max_share: float = 0.15
     grad_clip: float = 1.0
     val_clips: int = 64
     # Evaluation at the end.
@@ -463,6 +466,8 @@ class Run:
         if phase != "vae":
             self.make_pool(phase)
         val_batch = self.validation_batch(phase)
+        if prog["steps"] == 0 and "initialized_from" in prog:  # the starting weights are the first candidate best
+            self.validate(phase, val_batch)
         last_val = last_log = time.monotonic()
         loss_sum, loss_steps = None, 0  # summed on the device: no synchronisation per step
         log(f"phase {phase}: {budget:.0f}s, batch {prog['batch']}, from step {prog['steps']}")
@@ -648,7 +653,8 @@ class Run:
 
     def maybe_refresh(self, prog) -> None:
         """Replace ``pool_refresh`` clips of the pool every few steps; refresh less often while encoding takes more
-        than 15% of the phase's time, more often (down to every ``pool_refresh_every`` steps) below 5%."""
+        than ``pool_max_share`` of the phase's time, more often (down to every ``pool_refresh_every`` steps) below a
+        third of it."""
         if prog["steps"] < self.pool.next_refresh:
             return
         t0 = time.monotonic()
@@ -657,9 +663,9 @@ class Run:
             torch.cuda.synchronize()
         self.pool.seconds += time.monotonic() - t0
         share = self.pool.seconds / max(time.monotonic() - self.pool.created, 1e-6)
-        if share > 0.15:
+        if share > self.cfg.pool_max_share:
             self.pool.every *= 2
-        elif share < 0.05:
+        elif share < self.cfg.pool_max_share / 3:
             self.pool.every = max(self.cfg.pool_refresh_every, self.pool.every // 2)
         self.pool.next_refresh = prog["steps"] + self.pool.every
 
