@@ -198,7 +198,7 @@ DEMO_COMMON = dict(
 
 PRESETS: dict[str, ModelPreset] = {
     "demo": ModelPreset(name="demo", causal=False, source=str(DEMO_WEIGHTS / "demo"), frames=33, steps=12,
-                        guidance_scale=4.0, **DEMO_COMMON),
+                        guidance_scale=5.0, **DEMO_COMMON),
     "demo-causal": ModelPreset(name="demo-causal", causal=True, source=str(DEMO_WEIGHTS / "demo-causal"), frames=81,
                                steps=12, guidance_scale=4.0, stream_guidance_scale=3.0, **DEMO_COMMON),
     "tiny": ModelPreset(name="tiny", causal=False, seed=0, **_TINY_COMMON),
