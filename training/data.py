@@ -3,8 +3,9 @@
 A scene is a coloured circle, square or triangle that moves left, right, up or down at a constant speed (wrapping
 around the frame edges, so a stream of any length keeps moving) or bounces on an invisible floor, on a plain
 background of another colour. A mover starts on the side it comes from (one moving left starts in the right part of
-the frame), so every frame of a clip, the first one included, shows where its caption says it goes. Its caption is built from the same parameters:
-"a red circle moving left on a blue background", "a green triangle bouncing on a black background".
+the frame), so every frame of a clip, the first one included, shows where its caption says it goes. Its caption is
+built from the same parameters: "a red circle moving left on a blue background", "a green triangle bouncing on a
+black background".
 
 Clips are rendered directly on the device (vectorised torch, anti-aliased signed distances), so training needs no
 dataset files. Twelve colour/shape/motion combinations (``HELD_OUT``) are never used for training: the evaluation
@@ -76,7 +77,7 @@ SPEED = (1.0, 1.6)  # pixels per frame for the movers: 32-51 pixels over a 33-fr
 # Where a mover starts along its direction, as a share of the frame measured from the edge it moves towards: one moving
 # left starts at x = SIZE * u with u in ENTRY (the right part). Without this every frame of a clip would look the same
 # for "left" and "right" (uniform positions), and a model learns the sign of a motion only from the correlation between
-# frames, far more slowly than the colour (measured: shipped weights trained so right the axis, the sign at chance).
+# frames, far more slowly than the colour (measured: a model trained that way got the axis right, the sign at chance).
 ENTRY = (0.6, 0.95)
 BOUNCE_PERIOD = (10.0, 16.0)  # frames per bounce
 BOUNCE_HEIGHT = (14.0, 24.0)  # pixels

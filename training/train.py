@@ -689,8 +689,9 @@ class Run:
             state = state_to_cpu(module)
             try:
                 self.models[name].load_state_dict(state)
-            except RuntimeError as exc:
-                raise SystemExit(f"--init-from {folder}: its {name} does not fit this run's configuration: {exc}")
+            except RuntimeError as exc:  # bad input, like the argument checks: exit code 2 with the reason
+                print(f"--init-from {folder}: its {name} does not fit this run's configuration: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
             self.emas[name].module.load_state_dict(state)
             self.best[name] = state
         stats = [list(pipe.vae.config.latents_mean), list(pipe.vae.config.latents_std)]
