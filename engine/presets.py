@@ -178,7 +178,8 @@ _TINY_COMMON = dict(
 
 # The small trained demo models shipped in engine/weights (training/README.md says how they were made): 64x64 clips
 # of one coloured shape moving on a plain background, from captions like "a red circle moving left on a blue
-# background". Sampling defaults here; the sana_video.json beside the weights may refine them.
+# background". Sampling defaults here; the sana_video.json beside the weights holds the same values (a test keeps
+# them equal).
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEMO_COMMON = dict(
     height=64,

@@ -13,7 +13,9 @@ the bar, well above chance (1/8 for colour, 1/5 for motion), so a broken pipelin
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 import warnings
 from pathlib import Path
 
@@ -143,3 +145,7 @@ def test_weights_are_small_and_presets_point_at_them():
         assert preset is not None, f"no preset {name!r} in engine/presets.py"
         assert Path(preset.source).resolve() == folder.resolve()
         assert preset.causal == (name == "demo-causal")
+        # The preset's sampling defaults are the ones stored beside the weights (a load takes the file's).
+        stored = json.loads((folder / "sana_video.json").read_text())
+        preset_values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(preset).items()}
+        assert {k: preset_values[k] for k in stored} == stored

@@ -162,7 +162,8 @@ def test_init_from_a_shipped_folder_trains_on_from_its_weights(resumed_run, tmp_
     out = tmp_path / "run"
     proc = train("--out", str(out), "--init-from", str(folder), "--phases", "clip,causal", "--max-steps", "1")
     assert "initialized the VAE and the clip model from" in proc.stdout
-    progress = json.loads((out / "losses.json").read_text())["progress"]
+    logs = json.loads((out / "losses.json").read_text())
+    progress = logs["progress"]
     assert progress["vae"]["steps"] == 0 and progress["vae"]["done"]
     assert progress["clip"]["initialized_from"] == str(folder)
     assert progress["clip"]["steps"] == 1 and progress["causal"]["steps"] == 1
@@ -174,7 +175,6 @@ def test_init_from_a_shipped_folder_trains_on_from_its_weights(resumed_run, tmp_
     assert vae_config["latents_std"] == json.loads((folder / "vae" / "config.json").read_text())["latents_std"]
     # The starting weights were validated before the first step (they are the first candidate for the export), and
     # the transformer moved on from them (one optimizer step), but not far.
-    logs = json.loads((out / "losses.json").read_text())
     assert logs["validation"]["clip"][0][0] == 0 and len(logs["validation"]["clip"]) == 2
     before = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
     after = torch.load(out / "checkpoint.pt", weights_only=False)["models"]["clip"]
