@@ -3,6 +3,7 @@ wall-clock budget, export of loadable diffusers-format folders and the packed ar
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -155,12 +156,17 @@ def test_extend_needs_resume(tmp_path, capsys):
     assert exc.value.code == 2 and "--extend trains on from a checkpoint: add --resume" in capsys.readouterr().err
 
 
+def _vae_state(folder: Path) -> dict:
+    return VideoPipeline.from_pretrained(folder, device="cpu", dtype="fp32").vae.state_dict()
+
+
 def test_init_from_a_shipped_folder_trains_on_from_its_weights(resumed_run, tmp_path):
     """--init-from starts the clip phase from a pipeline folder's weights and keeps its VAE untrained; the causal
     phase starts from the trained clip model as usual."""
     folder = resumed_run[0] / "export" / "demo"
     out = tmp_path / "run"
-    proc = train("--out", str(out), "--init-from", str(folder), "--phases", "clip,causal", "--max-steps", "1")
+    proc = train("--out", str(out), "--init-from", str(folder), "--phases", "clip,causal", "--max-steps", "1",
+                 "--portable", str(tmp_path / "portable"))
     assert "initialized the VAE and the clip model from" in proc.stdout
     logs = json.loads((out / "losses.json").read_text())
     progress = logs["progress"]
@@ -180,6 +186,11 @@ def test_init_from_a_shipped_folder_trains_on_from_its_weights(resumed_run, tmp_
     after = torch.load(out / "checkpoint.pt", weights_only=False)["models"]["clip"]
     diffs = [float((after[k].float() - before[k].float()).abs().max()) for k in before]
     assert 0 < max(diffs) < 0.1
+    # The portable checkpoint keeps the folder's VAE (its phase ran no step here): a run resumed from it elsewhere
+    # encodes clips with the same VAE, not a random one.
+    parts = sorted((tmp_path / "portable").glob("checkpoint.part*"))
+    slim = torch.load(io.BytesIO(b"".join(part.read_bytes() for part in parts)), weights_only=False)
+    assert all(torch.equal(slim["best"]["vae"][k], v) for k, v in _vae_state(folder).items())
 
 
 def test_init_from_is_checked(tmp_path, capsys):

@@ -387,7 +387,10 @@ class Run:
         another machine; ``cat part* > OUT/checkpoint.pt`` restores a file that ``--resume`` reads."""
         keep_raw = {n for p in PHASES if self.progress[p]["steps"] > 0 and not self.progress[p]["done"]
                     for n in self.phase_models[p]}
-        started = {n for p in PHASES if self.progress[p]["steps"] > 0 for n in self.phase_models[p]}
+        # Weights that later phases build on: phases trained here, finished, or taken from a folder (--init-from:
+        # its VAE counts as finished with no step of its own; leaving it out would resume on a random VAE).
+        started = {n for p in PHASES if self.progress[p]["steps"] > 0 or self.progress[p]["done"]
+                   or self.progress[p].get("initialized_from") for n in self.phase_models[p]}
         state = {
             "config": self.cfg.to_dict(),
             "progress": self.progress,
@@ -896,6 +899,8 @@ STREAM_CANDIDATES = [
     dict(stream_timesteps=(1000, 750, 500, 250), stream_shift=1.5, stream_guidance_scale=1.0),
     dict(stream_timesteps=(1000, 800, 600, 400, 200), stream_shift=2.0, stream_guidance_scale=1.0),
     dict(stream_timesteps=(1000, 750, 500, 250), stream_shift=3.0, stream_guidance_scale=3.0),
+    dict(stream_timesteps=(1000, 750, 500, 250), stream_shift=3.0, stream_guidance_scale=5.0),
+    dict(stream_timesteps=(1000, 833, 667, 500, 333, 167), stream_shift=3.0, stream_guidance_scale=3.0),
 ]
 
 
