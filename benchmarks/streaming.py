@@ -56,6 +56,7 @@ def stream_once(pipe, blocks: int, block_latent: int, budget: Budget | None, res
     return summarize_blocks(rows, blocks, stopped_early, pipe.last_state_bytes)
 
 
+@torch.inference_mode()  # as the pipeline's own stream: no autograd tracing of the custom kernels under compile
 def stream_overlapped(pipe, blocks: int, block_latent: int, budget: Budget | None, reserve_s: float = 0.0) -> dict:
     """The stream of ``VideoPipeline._generate_stream`` (same schedule, commit and decode), restructured so block b's
     VAE decode and host copy run on a second CUDA stream while block b+1 is denoised; noise is drawn on the GPU.

@@ -64,17 +64,18 @@ def apply_reference(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: to
 if triton is not None:
 
     @triton.jit
-    def _load_rotated(base, offs_n, stride_n, offs_d, mask, cos_ptr, sin_ptr, stride_rn, stride_rd):
-        """x [BLOCK_N, BLOCK_D] fp32 and its RoPE rotation (rounded to the input dtype, as the reference)."""
-        x_raw = tl.load(base + offs_n[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
-        partner = tl.load(base + offs_n[:, None] * stride_n + (offs_d ^ 1)[None, :], mask=mask, other=0.0)
-        pair = offs_d // 2
-        c = tl.load(cos_ptr + offs_n[:, None] * stride_rn + pair[None, :] * stride_rd, mask=mask, other=0.0)
-        s = tl.load(sin_ptr + offs_n[:, None] * stride_rn + pair[None, :] * stride_rd, mask=mask, other=0.0)
-        sign = tl.where((offs_d % 2) == 0, -1.0, 1.0)
-        x = x_raw.to(tl.float32)
-        rot = x * c + partner.to(tl.float32) * s * sign[None, :]
-        return x, rot.to(x_raw.dtype)
+    def _load_pairs(base, offs_n, stride_n, offs_j, mask, cos_ptr, sin_ptr, stride_rn, stride_rd):
+        """Even and odd lanes of x (pair j: lanes 2j, 2j+1) as fp32 [BLOCK_N, BLOCK_P] each, and their RoPE rotation
+        rounded to the input dtype (as the reference). One load of [BLOCK_N, BLOCK_P, 2] split in registers: the
+        two lanes of a pair sit in one thread, each table entry is read once."""
+        offs_t = tl.arange(0, 2)
+        ptrs = base + offs_n[:, None, None] * stride_n + 2 * offs_j[None, :, None] + offs_t[None, None, :]
+        x_even, x_odd = tl.split(tl.load(ptrs, mask=mask[:, :, None], other=0.0))
+        table = offs_n[:, None] * stride_rn + offs_j[None, :] * stride_rd
+        c = tl.load(cos_ptr + table, mask=mask, other=0.0)
+        s = tl.load(sin_ptr + table, mask=mask, other=0.0)
+        xe, xo = x_even.to(tl.float32), x_odd.to(tl.float32)
+        return xe, xo, (xe * c - xo * s).to(x_even.dtype), (xe * s + xo * c).to(x_even.dtype)
 
     @triton.jit
     def _sums_kernel(k_ptr, v_ptr, cos_ptr, sin_ptr, s_ptr, z_ptr,
@@ -86,23 +87,38 @@ if triton is not None:
         chunk = tl.program_id(1)
         b = (pid_bh // HEADS).to(tl.int64)  # batch offsets can pass 2^31 elements
         h = pid_bh % HEADS
+        BLOCK_P: tl.constexpr = BLOCK_D // 2
         offs_d = tl.arange(0, BLOCK_D)
+        offs_j = tl.arange(0, BLOCK_P)
         mask_d = offs_d < D
+        mask_j = offs_j < D // 2
         k_base = k_ptr + b * stride_kb + h * D
         v_base = v_ptr + b * stride_vb + h * D
-        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)  # acc[e, c] = sum_n rot(k)[n, e] v[n, c]
-        z = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        # acc_even[j, c] = sum_n rot(k)[n, 2j] v[n, c]; acc_odd the same for lane 2j+1.
+        acc_even = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        acc_odd = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+        z_even = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        z_odd = tl.zeros((BLOCK_P,), dtype=tl.float32)
         start = chunk * TOKENS_PER_CHUNK  # a multiple of BLOCK_N: only the last chunk needs the N bound
         for i in range(0, TOKENS_PER_CHUNK, BLOCK_N):
             offs_n = start + i + tl.arange(0, BLOCK_N)
-            mask = (offs_n < N)[:, None] & mask_d[None, :]
-            k, k_rot = _load_rotated(k_base, offs_n, stride_kn, offs_d, mask, cos_ptr, sin_ptr, stride_rn, stride_rd)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask, other=0.0)
-            acc = tl.dot(tl.trans(k_rot.to(v.dtype)), v, acc, input_precision=PRECISION)
-            z += tl.sum(k, axis=0)
-        out = s_ptr + (chunk * BH + pid_bh) * D * D
-        tl.store(out + offs_d[None, :] * D + offs_d[:, None], acc, mask=mask_d[:, None] & mask_d[None, :])
-        tl.store(z_ptr + (chunk * BH + pid_bh) * D + offs_d, z, mask=mask_d)
+            mask_n = offs_n < N
+            ke, ko, re, ro = _load_pairs(k_base, offs_n, stride_kn, offs_j, mask_n[:, None] & mask_j[None, :],
+                                         cos_ptr, sin_ptr, stride_rn, stride_rd)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc_even = tl.dot(tl.trans(re.to(v.dtype)), v, acc_even, input_precision=PRECISION)
+            acc_odd = tl.dot(tl.trans(ro.to(v.dtype)), v, acc_odd, input_precision=PRECISION)
+            z_even += tl.sum(ke, axis=0)
+            z_odd += tl.sum(ko, axis=0)
+        # S[c, e] row-major: S[c, 2j] = acc_even[j, c].
+        out = s_ptr + (chunk * BH + pid_bh) * D * D + offs_d[None, :] * D + 2 * offs_j[:, None]
+        mask_s = mask_j[:, None] & mask_d[None, :]
+        tl.store(out, acc_even, mask=mask_s)
+        tl.store(out + 1, acc_odd, mask=mask_s)
+        z_out = z_ptr + (chunk * BH + pid_bh) * D + 2 * offs_j
+        tl.store(z_out, z_even, mask=mask_j)
+        tl.store(z_out + 1, z_odd, mask=mask_j)
 
     @triton.jit
     def _apply_kernel(q_ptr, cos_ptr, sin_ptr, s_ptr, z_ptr, o_ptr,
@@ -114,35 +130,46 @@ if triton is not None:
         chunk = tl.program_id(1)
         b = (pid_bh // HEADS).to(tl.int64)  # batch offsets can pass 2^31 elements
         h = pid_bh % HEADS
+        BLOCK_P: tl.constexpr = BLOCK_D // 2
         offs_d = tl.arange(0, BLOCK_D)
+        offs_j = tl.arange(0, BLOCK_P)
         mask_d = offs_d < D
-        # S^T[e, c] = S[c, e]: loaded once per program, reused for every token of the chunk.
-        st = tl.load(s_ptr + pid_bh * D * D + offs_d[None, :] * D + offs_d[:, None],
-                     mask=mask_d[:, None] & mask_d[None, :], other=0.0)
-        zv = tl.load(z_ptr + pid_bh * D + offs_d, mask=mask_d, other=0.0)
+        mask_j = offs_j < D // 2
+        # S^T split by lane parity, st_even[j, c] = S[c, 2j]: loaded once per program, reused for every token.
+        s_base = s_ptr + pid_bh * D * D + offs_d[None, :] * D + 2 * offs_j[:, None]
+        mask_s = mask_j[:, None] & mask_d[None, :]
+        st_even = tl.load(s_base, mask=mask_s, other=0.0)
+        st_odd = tl.load(s_base + 1, mask=mask_s, other=0.0)
+        z_even = tl.load(z_ptr + pid_bh * D + 2 * offs_j, mask=mask_j, other=0.0)
+        z_odd = tl.load(z_ptr + pid_bh * D + 2 * offs_j + 1, mask=mask_j, other=0.0)
         q_base = q_ptr + b * stride_qb + h * D
         o_base = o_ptr + b * stride_ob + h * D
         start = chunk * TOKENS_PER_CHUNK  # a multiple of BLOCK_N: only the last chunk needs the N bound
         for i in range(0, TOKENS_PER_CHUNK, BLOCK_N):
             offs_n = start + i + tl.arange(0, BLOCK_N)
-            mask = (offs_n < N)[:, None] & mask_d[None, :]
-            q, q_rot = _load_rotated(q_base, offs_n, stride_qn, offs_d, mask, cos_ptr, sin_ptr, stride_rn, stride_rd)
+            mask_n = offs_n < N
+            qe, qo, re, ro = _load_pairs(q_base, offs_n, stride_qn, offs_j, mask_n[:, None] & mask_j[None, :],
+                                         cos_ptr, sin_ptr, stride_rn, stride_rd)
             # tf32 products for 16-bit inputs: the rounded rotation is exact in tf32, S loses only its last
             # mantissa bits. fp32 inputs (reference checks) ask for full fp32 products.
-            num = tl.dot(q_rot.to(tl.float32), st, input_precision=PRECISION)
-            den = tl.sum(q * zv[None, :], axis=1) + eps
+            num = tl.dot(re.to(tl.float32), st_even, input_precision=PRECISION)
+            num = tl.dot(ro.to(tl.float32), st_odd, num, input_precision=PRECISION)
+            den = tl.sum(qe * z_even[None, :] + qo * z_odd[None, :], axis=1) + eps
             out = num / den[:, None]
-            tl.store(o_base + offs_n[:, None] * stride_on + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(o_base + offs_n[:, None] * stride_on + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                     mask=mask_n[:, None] & mask_d[None, :])
 
-
-    # Token-block sizes and warps to try once per shape on the GPU. The [d, d] fp32 accumulator (S) takes 64
-    # registers a thread at 8 warps; these tiles compile for sm_90 without (or with a few bytes of) spills.
+    # Token-block sizes, warps and pipeline depths to try once per shape on the GPU. The [d, d] fp32 accumulator
+    # (S, as two [d/2, d] halves) takes 64 registers a thread at 8 warps, 128 at 4. Measured on an H200 at 480p
+    # (benchmarks/results/h200-2026-11-27/probe.json): sums fastest with small tiles and deep pipelines (16 tokens,
+    # 4 warps, 4 stages), apply with large ones (128 tokens, 8 warps).
     _TILES = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-              for bn, w, st in ((64, 8, 2), (32, 8, 2), (32, 8, 3), (16, 8, 3))]
+              for bn, w, st in ((64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (32, 8, 3), (32, 4, 3), (32, 4, 4),
+                                (64, 4, 3), (16, 4, 4), (16, 4, 3), (16, 2, 4))]
     _sums_tuned = triton.autotune(configs=_TILES, key=["N", "BH", "HEADS", "D", "TOKENS_PER_CHUNK"])(_sums_kernel)
     _apply_tuned = triton.autotune(configs=_TILES, key=["N", "HEADS", "D", "TOKENS_PER_CHUNK"])(_apply_kernel)
 
-CHUNK_MULTIPLE = 64  # every tile size above divides a chunk
+CHUNK_MULTIPLE = 128  # every tile size above divides a chunk
 
 
 def _chunks(n_tokens: int, programs_per_chunk: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -186,7 +213,7 @@ def _sums_triton(k, v, cos, sin, heads: int, block_n: int | None = None):
     z_part = torch.empty(chunks, B, heads, D, device=k.device, dtype=torch.float32)
     args = (k, v, cos, sin, S_part, z_part, N, BH,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), cos.stride(1))
-    meta = dict(HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), TOKENS_PER_CHUNK=per_chunk,
+    meta = dict(HEADS=heads, D=D, BLOCK_D=max(32, triton.next_power_of_2(D)), TOKENS_PER_CHUNK=per_chunk,
                 PRECISION=_precision(k))
     if tuned:
         _sums_tuned[(BH, chunks)](*args, **meta)
@@ -209,7 +236,7 @@ def _apply_triton(q, cos, sin, S, z, eps: float, block_n: int | None = None):
     chunks, per_chunk = _chunks(N, BH, CHUNK_MULTIPLE if tuned else (block_n or 64), q.device)
     args = (q, cos, sin, S, z, out, N, eps,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0), cos.stride(1))
-    meta = dict(HEADS=heads, D=D, BLOCK_D=triton.next_power_of_2(D), TOKENS_PER_CHUNK=per_chunk,
+    meta = dict(HEADS=heads, D=D, BLOCK_D=max(32, triton.next_power_of_2(D)), TOKENS_PER_CHUNK=per_chunk,
                 PRECISION=_precision(q))
     if tuned:
         _apply_tuned[(BH, chunks)](*args, **meta)
