@@ -202,3 +202,42 @@ def test_init_from_is_checked(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             parse_args(["--out", str(tmp_path), *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_decoder_finetune_keeps_the_encoder_and_writes_every_folder(resumed_run, tmp_path):
+    """training.decoder trains the VAE decoder alone on longer clips: the encoder (the latent space the transformers
+    were trained on) stays bit-for-bit, the decoder moves, and every folder named gets the same new VAE."""
+    folders = [tmp_path / "demo", tmp_path / "demo-causal"]
+    for name, folder in zip(("demo", "demo-causal"), folders):
+        shutil.copytree(resumed_run[0] / "export" / name, folder)
+    before = load_file(folders[0] / "vae" / "diffusion_pytorch_model.safetensors")
+    config_before = json.loads((folders[0] / "vae" / "config.json").read_text())
+    report = tmp_path / "report.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "training.decoder", "--model", str(folders[0]), "--also",
+                           str(folders[1]), "--frames", "9", "--batch", "1", "--max-steps", "2", "--val-clips", "1",
+                           "--device", "cpu", "--force", "--report", str(report)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = [load_file(f / "vae" / "diffusion_pytorch_model.safetensors") for f in folders]
+    assert after[0].keys() == after[1].keys() == before.keys()
+    assert all(torch.equal(after[0][k], after[1][k]) for k in before)
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(after[0][k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[0][k], before[k]) for k in before if k.startswith("decoder."))
+    assert json.loads((folders[0] / "vae" / "config.json").read_text())["latents_std"] == config_before["latents_std"]
+    result = json.loads(report.read_text())
+    assert result["steps"] == 2 and result["written"] == [str(f) for f in folders]
+    assert not (folders[0] / "vae.tmp").exists() and not (folders[0] / "vae.old").exists()
+    pipe = VideoPipeline.from_pretrained(str(folders[0]), device="cpu")
+    chunks = list(pipe.generate(GenerationParams(prompt="a red circle moving left on a blue background", frames=5,
+                                                 steps=2, seed=0)))
+    assert sum(c.num_frames for c in chunks) == 5 and chunks[0].frames.shape[1:] == (64, 64, 3)
+
+
+def test_decoder_finetune_checks_its_arguments(tmp_path):
+    for argv, message in ((["--model", str(tmp_path), "--frames", "9"], "not a pipeline folder"),
+                          (["--model", str(ROOT / "engine" / "weights" / "demo"), "--frames", "10"], "4k+1")):
+        proc = subprocess.run([sys.executable, "-m", "training.decoder", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr

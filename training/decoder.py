@@ -1,0 +1,166 @@
+"""Fine-tune the VAE decoder of shipped pipeline folders on longer clips, with the encoder frozen.
+
+The Wan decoder is causal in time with a finite receptive field. A VAE trained on short clips (the demo's: 17 frames,
+5 latent frames) never decoded a frame whose receptive field no longer reaches back to the clip's first frame, so
+past that length its output drifts (the demo's yellow circle turned white and purple from frame ~24 on, in every
+stream block after the first). Training the decoder alone on clips longer than that teaches it the steady state,
+while the encoder, and with it the latent space, its statistics and every transformer trained on it, stays
+bit-for-bit as it was.
+
+    python -m training.decoder --model engine/weights/demo --also engine/weights/demo-causal --frames 49 \\
+        --minutes 20 --report benchmarks/results/demo/decoder_finetune.json
+
+The folders are rewritten only at the end, and only if the held-out reconstruction error of long clips went down
+(``--force`` writes anyway); each VAE folder is replaced as a whole (written beside it, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from training import data
+
+TAIL_FROM = 21  # first video frame past the 17-frame (5 latent frame) horizon the demo VAE was trained on
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="pipeline folder whose VAE is fine-tuned (and rewritten)")
+    p.add_argument("--also", action="append", default=[], metavar="FOLDER",
+                   help="other pipeline folders with the same VAE that get the fine-tuned one too (repeatable)")
+    p.add_argument("--frames", type=int, default=49, help="clip length, 4k+1 (default 49: 13 latent frames)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--object-weight", type=float, default=12.0, help="loss weight of object pixels (as the VAE phase)")
+    p.add_argument("--val-clips", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--report", default=None, help="write the before/after errors and settings here (JSON)")
+    p.add_argument("--force", action="store_true", help="write the decoder even if the validation error rose")
+    args = p.parse_args(argv)
+    if args.frames < 5 or (args.frames - 1) % 4:
+        p.error(f"--frames must be 4k+1 and at least 5, got {args.frames}")
+    for folder in [args.model, *args.also]:
+        if not Path(folder, "vae", "config.json").is_file():
+            p.error(f"{folder} is not a pipeline folder with a vae/ (no vae/config.json)")
+    return args
+
+
+def _clips(n: int, frames: int, seed: int, device):
+    cases = data.sample_cases(n, torch.Generator().manual_seed(seed), "train")
+    scenes = data.scenes_for(cases, torch.Generator(device).manual_seed(seed + 1), device=device)
+    video, alpha = data.render(scenes, frames, with_alpha=True)
+    return video, alpha[:, None]
+
+
+def _loss(vae, video, alpha, object_weight: float, per_frame: bool = False):
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist.mode()
+    recon = vae.decode(z).sample.float()
+    err = recon - video
+    loss = (1 + object_weight * alpha) * (err.abs() + err.pow(2))
+    return loss.mean(dim=(0, 1, 3, 4)) if per_frame else loss.mean()
+
+
+@torch.no_grad()
+def _validate(vae, val, object_weight: float) -> dict:
+    per_frame = torch.stack([_loss(vae, v, a, object_weight, per_frame=True) for v, a in val]).mean(0)
+    return {"loss": round(float(per_frame.mean()), 5), "head_loss": round(float(per_frame[:TAIL_FROM].mean()), 5),
+            "tail_loss": round(float(per_frame[TAIL_FROM:].mean()), 5)}
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype the VAE weights of a pipeline folder are stored in (the shipped demo folders: bf16)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype
+
+
+def _write_vae(vae, folder: Path, dtype: torch.dtype) -> None:
+    """Replace ``folder``/vae with ``vae`` stored in ``dtype`` (written beside it, then renamed)."""
+    target = folder / "vae"
+    tmp = folder / "vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.to(dtype).save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("_name_or_path", None)  # where this run read it from: not part of the shipped folder
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    old = folder / "vae.old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from diffusers import AutoencoderKLWan
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    dtype = stored_dtype(Path(args.model))
+    vae = AutoencoderKLWan.from_pretrained(Path(args.model, "vae")).to(device).float()
+    vae.train()
+    for module in (vae.encoder, vae.quant_conv):
+        module.requires_grad_(False)
+        module.eval()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    frozen = {k: v.detach().clone() for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+    val = [_clips(min(8, args.val_clips - i), args.frames, 10_000 + i, device) for i in range(0, args.val_clips, 8)]
+    before = _validate(vae, val, args.object_weight)
+    print(f"validation before: {before}", flush=True)
+    start, step, losses = time.monotonic(), 0, []
+    while time.monotonic() - start < 60 * args.minutes and (not args.max_steps or step < args.max_steps):
+        video, alpha = _clips(args.batch, args.frames, args.seed * 1_000_003 + step, device)
+        loss = _loss(vae, video, alpha, args.object_weight)
+        for group in opt.param_groups:  # a short warm-up: Adam's first steps are large for a trained decoder
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % 20 == 0:
+            print(f"[{time.monotonic() - start:7.1f}s] step {step} loss {sum(losses[-20:]) / 20:.5f}", flush=True)
+    vae.eval()
+    after = _validate(vae, val, args.object_weight)
+    print(f"validation after {step} steps: {after}", flush=True)
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in frozen.items()), "the encoder must not change"
+    improved = after["loss"] < before["loss"]
+    written = []
+    if improved or args.force:
+        vae = vae.to("cpu")
+        for folder in [args.model, *args.also]:
+            _write_vae(vae, Path(folder), dtype)
+            written.append(str(folder))
+        print(f"wrote the fine-tuned decoder into {', '.join(written)}", flush=True)
+    else:
+        print("validation error did not go down: folders left as they were (--force writes anyway)", flush=True)
+    if args.report:
+        report = {"command": " ".join(getattr(sys, "orig_argv", sys.argv)), "device": str(device),
+                  "torch": torch.__version__, "frames": args.frames, "batch": args.batch, "lr": args.lr, "steps": step,
+                  "seconds": round(time.monotonic() - start, 1), "tail_from_frame": TAIL_FROM,
+                  "validation_before": before, "validation_after": after, "written": written,
+                  "loss_every_20_steps": [round(sum(losses[i:i + 20]) / len(losses[i:i + 20]), 5)
+                                          for i in range(0, len(losses), 20)]}
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
