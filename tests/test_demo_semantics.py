@@ -4,11 +4,13 @@ Prompts are made of colour/shape/motion combinations never seen in training (tra
 bidirectional ``demo`` and the block-causal ``demo-causal`` must draw the asked colour in >= 90% of the clips and the
 asked motion in >= 80%; a one-minute stream of ``demo-causal`` must keep both in every block while the memory it
 holds stays flat. (The recorded numbers in benchmarks/results/demo/demo_*eval_cpu.json come from the larger run of
-``python -m training.evaluate``; here one 2 s clip per held-out combination keeps the test quick.)
+``python -m training.evaluate``; here one 2 s clip per held-out combination and background, 24 clips, keeps the test
+quick.)
 
-The shipped weights do not reach the bar yet (benchmarks/results/demo/README.md): those checks are strict xfails,
-so they fail the day a model meets them (then drop the marks). What the shipped weights do reach is pinned below
-the bar, well above chance (1/8 for colour, 1/5 for motion), so a broken pipeline or model still fails here.
+``demo`` meets the bar. ``demo-causal`` does not yet (colour 0.85 on 48 clips, 56 of 60 stream blocks; see
+benchmarks/results/demo/README.md): those checks are strict xfails, so they fail the day a model meets them (then
+drop the marks). What the shipped weights reach is pinned below the measured values, well above chance (1/8 for
+colour, 1/5 for motion), so a broken pipeline or model still fails here.
 """
 
 from __future__ import annotations
@@ -49,26 +51,26 @@ def failures(result: dict) -> list[str]:
             if (r["measured"]["colour"], r["measured"]["motion"]) != (r["colour"], r["motion"])]
 
 
-# What the shipped weights reach on these 12 clips (CPU, fp32): demo 0.92 / 0.67, demo-causal 0.58 / 0.58. The
-# floors leave two clips of slack for other CPUs' rounding; a model that moves every object one way scores at most
-# 3/12 in motion (three held-out combinations per direction), below both motion floors.
-FLOORS = {"demo": (0.75, 0.5), "demo-causal": (0.4, 0.4)}
-BELOW_BAR = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the shipped demo weights are below the issue's bar "
-                              "(held-out colour >= 0.9, motion >= 0.8); see benchmarks/results/demo/README.md")
+# What the shipped weights reach on these 24 clips (CPU, fp32): demo 0.96 / 0.96, demo-causal 0.83 / 0.92. The floors
+# leave two clips of slack for other CPUs' rounding; a model that moves every object one way scores at most 6/24 in
+# motion (three held-out combinations per direction, two backgrounds each), below both motion floors.
+FLOORS = {"demo": (0.875, 0.875), "demo-causal": (0.75, 0.83)}
+BELOW_BAR = pytest.mark.xfail(strict=True, raises=AssertionError, reason="demo-causal is below the issue's bar "
+                              "(held-out colour >= 0.9; every block of a 60 s stream); see benchmarks/results/demo/README.md")
 
 
 @pytest.fixture(scope="module")
 def held_out(pipes):
-    """One 33-frame clip per held-out combination and model, generated once for the tests below."""
+    """One 33-frame clip per held-out combination and background (24) and model, generated once for the tests below."""
     results = {}
     for name, pipe in pipes.items():
         assert pipe.causal == (name == "demo-causal")
-        results[name] = evaluate_pipeline(pipe, data.held_out_cases(1), batch=12, frames=33)
-        assert results[name]["clips"] == 12
+        results[name] = evaluate_pipeline(pipe, data.held_out_cases(2), batch=12, frames=33)
+        assert results[name]["clips"] == 24
     return results
 
 
-@pytest.mark.parametrize("name", [pytest.param("demo", marks=BELOW_BAR), pytest.param("demo-causal", marks=BELOW_BAR)])
+@pytest.mark.parametrize("name", ["demo", pytest.param("demo-causal", marks=BELOW_BAR)])
 def test_held_out_prompts_come_out_right(held_out, name):
     result = held_out[name]
     assert result["colour_accuracy"] >= COLOUR_THRESHOLD, failures(result)
@@ -111,11 +113,13 @@ def minute_stream(pipes):
     return pipe, case, report, held
 
 
-def test_a_minute_of_stream_keeps_motion_and_flat_memory(minute_stream):
+def test_a_minute_of_stream_keeps_motion_mostly_colour_and_flat_memory(minute_stream):
     pipe, case, report, held = minute_stream
     assert report["frames"] == 961 and report["blocks"] == 60
     bad = [b for b in report["per_block"] if b["motion"] != case.motion]
     assert len(bad) <= 3, f"{case.prompt}: {len(bad)} blocks move wrong, e.g. {bad[:3]}"  # shipped: 0 of 60
+    off = [b for b in report["per_block"] if b["colour"] != case.colour]
+    assert len(off) <= 10, f"{case.prompt}: {len(off)} blocks in another colour, e.g. {off[:3]}"  # shipped: 4 of 60
     # Flat memory: one state allocation of the model's size, and nothing more held after 60 blocks than after 5.
     cfg = 2 if pipe.preset.stream_guidance_scale > 1 else 1
     assert report["state_bytes"] == [BlockState.for_model(pipe.transformer, cfg, 8, 8).nbytes()]
