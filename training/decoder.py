@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from training import data
+from training.train import Config, reconstruction_error
 
 TAIL_FROM = 21  # first video frame past the 17-frame (5 latent frame) horizon the demo VAE was trained on
 
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--object-weight", type=float, default=12.0, help="loss weight of object pixels (as the VAE phase)")
+    p.add_argument("--object-weight", type=float, default=Config.object_weight,
+                   help="loss weight of object pixels (as the VAE phase)")
     p.add_argument("--val-clips", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -67,9 +69,7 @@ def _clips(n: int, frames: int, seed: int, device):
 def _loss(vae, video, alpha, object_weight: float, per_frame: bool = False):
     with torch.no_grad():
         z = vae.encode(video).latent_dist.mode()
-    recon = vae.decode(z).sample.float()
-    err = recon - video
-    loss = (1 + object_weight * alpha) * (err.abs() + err.pow(2))
+    loss = reconstruction_error(vae.decode(z).sample, video, alpha, object_weight)
     return loss.mean(dim=(0, 1, 3, 4)) if per_frame else loss.mean()
 
 

@@ -266,6 +266,14 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def reconstruction_error(recon: torch.Tensor, video: torch.Tensor, alpha: torch.Tensor,
+                         object_weight: float) -> torch.Tensor:
+    """The VAE's per-pixel reconstruction loss: L1 + L2, object pixels (``alpha``, from ``data.render``) weighted
+    ``1 + object_weight``; the caller reduces it."""
+    err = recon.float() - video
+    return (1 + object_weight * alpha) * (err.abs() + err.pow(2))
+
+
 def state_to_cpu(module: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -566,9 +574,7 @@ class Run:
             posterior = vae.encode(video).latent_dist
             z = posterior.sample(self.generator) if sample else posterior.mode()
             recon = vae.decode(z).sample
-        weight = 1 + self.cfg.object_weight * alpha
-        err = recon.float() - video
-        rec = (weight * (err.abs() + err.pow(2))).mean()
+        rec = reconstruction_error(recon, video, alpha, self.cfg.object_weight).mean()
         kl = 0.5 * (posterior.mean.float().pow(2) + posterior.var.float() - 1 - posterior.logvar.float()).mean()
         return rec, kl
 

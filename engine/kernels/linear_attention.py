@@ -161,8 +161,8 @@ if triton is not None:
 
     # Token-block sizes, warps and pipeline depths to try once per shape on the GPU. The [d, d] fp32 accumulator
     # (S, as two [d/2, d] halves) takes 64 registers a thread at 8 warps, 128 at 4. Measured on an H200 at 480p
-    # (benchmarks/results/h200-2026-11-27/probe.json): sums fastest with small tiles and deep pipelines (16 tokens,
-    # 4 warps, 4 stages), apply with large ones (128 tokens, 8 warps).
+    # (benchmarks/results/h200-2026-11-27/linear_attention_probe.json): sums fastest with small tiles and deep
+    # pipelines (16 tokens, 4 warps, 4 stages), apply with large ones (128 tokens, 8 warps).
     _TILES = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
               for bn, w, st in ((64, 8, 2), (64, 8, 3), (128, 8, 2), (128, 8, 3), (32, 8, 3), (32, 4, 3), (32, 4, 4),
                                 (64, 4, 3), (16, 4, 4), (16, 4, 3), (16, 2, 4))]
