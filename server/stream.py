@@ -8,6 +8,8 @@ What the server sends (the client sends nothing; auth as for HTTP, or ``?access_
   message: that chunk's media segment (``offset`` is its position in the MP4 file);
 - ``{"type": "progress", "fraction", "block", "blocks_total", "step", "steps_total", "frames_done", "eta_s"...}``
   (the newest one per read: a slow viewer gets fewer, never stale-first);
+- ``{"type": "status", "status", "attempt", "progress", "from_chunk"}`` first, the job's state when the viewer
+  connected (after the current attempt's start + init segment when it has one);
 - ``{"type": "status", "status": "queued", "reason"}`` when the job's worker was lost and the job re-queued;
 - ``{"type": "restart", "attempt"}`` when a re-queued job starts over on another worker: drop what you have,
   a new start + init segment and chunks from 0 follow;

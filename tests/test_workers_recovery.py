@@ -73,7 +73,9 @@ def test_killed_worker_job_is_requeued_and_finishes_elsewhere(stack, services):
     viewer.join(120)
     kinds = [e["type"] for e, _ in viewed]
     assert kinds[-1] == "done"
-    assert any(e["type"] == "status" and e["status"] == "queued" and "re-queued" in e["reason"] for e, _ in viewed)
+    # A viewer that connects before any worker took the job first gets the plain {"status": "queued"} snapshot.
+    assert any(e["type"] == "status" and e["status"] == "queued" and "re-queued" in e.get("reason", "")
+               for e, _ in viewed)
     restart = kinds.index("restart")
     before = [e for e, _ in viewed[:restart] if e["type"] == "chunk"]
     assert before and [e["index"] for e in before] == list(range(len(before)))
