@@ -1,4 +1,5 @@
-"""The API process: FastAPI app factory, error answers, background re-queueing of lost workers' jobs."""
+"""The API process: FastAPI app factory, error answers, background re-queueing of lost workers' jobs and deletion of
+expired outputs."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from starlette.routing import Match
 from engine.errors import InvalidParams
 from server import routes, stream
 from server.admission import LimitExceeded, QueueFull
-from server.metrics import RequestMetrics
+from server.metrics import OUTPUTS_EXPIRED, RequestMetrics
 from server.schemas import GenerateRequest, VideoCreateRequest, accepted_range
 from server.settings import Settings, get_settings
-from workers import jobs
+from workers import jobs, output
 
 log = logging.getLogger("sana.api")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -48,16 +49,38 @@ async def _requeue_lost_jobs(app: FastAPI) -> None:
             log.exception("re-queue pass failed")
 
 
+def _sweep_pass(r: redis.Redis, settings: Settings) -> None:
+    deleted = output.sweep_expired(r, settings.output_dir, settings.result_ttl_s)
+    if deleted:
+        OUTPUTS_EXPIRED.inc(len(deleted))
+        log.info("deleted %d expired output files", len(deleted))
+
+
+async def _sweep_expired_outputs(app: FastAPI) -> None:
+    """Every SANA_OUTPUT_SWEEP_S, delete the MP4 files whose job record has expired (a video lives as long as its
+    record, SANA_RESULT_TTL_S after the job ended); without this the output volume would only grow."""
+    settings: Settings = app.state.settings
+    while True:
+        try:
+            await asyncio.to_thread(_sweep_pass, app.state.redis, settings)
+        except redis.RedisError as exc:
+            log.warning("output sweep skipped: %s", exc)
+        except Exception:
+            log.exception("output sweep failed")
+        await asyncio.sleep(settings.output_sweep_s)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     app.state.redis = jobs.connect(settings.redis_url)
     app.state.aredis = aioredis.Redis.from_url(settings.redis_url)
-    task = asyncio.create_task(_requeue_lost_jobs(app))
+    tasks = [asyncio.create_task(_requeue_lost_jobs(app)), asyncio.create_task(_sweep_expired_outputs(app))]
     try:
         yield
     finally:
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         await app.state.aredis.aclose()
         app.state.redis.close()
 

@@ -16,6 +16,7 @@ REQUEST_DURATION = Histogram(
 QUEUE_DEPTH = Gauge("sana_queue_depth", "Jobs waiting in a model's queue (sampled at scrape time).", ["model"])
 WEBSOCKET_VIEWERS = Gauge("sana_websocket_viewers", "Open websocket streams.")
 JOBS_SUBMITTED = Counter("sana_jobs_submitted", "Jobs accepted into a queue, by model.", ["model"])
+OUTPUTS_EXPIRED = Counter("sana_outputs_expired", "Output files deleted because their job record had expired.")
 
 
 class RequestMetrics:

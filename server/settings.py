@@ -50,7 +50,12 @@ class Settings(BaseSettings):
     )
     stream_ttl_s: int = Field(3600, ge=1, description="Seconds a job's chunk stream lives after the job ends.")
     result_ttl_s: int = Field(
-        7 * 24 * 3600, ge=1, description="Seconds a job record (status, progress, errors) lives after the job ends."
+        7 * 24 * 3600,
+        ge=1,
+        description="Seconds a job record (status, progress, errors) and its MP4 file live after the job ends.",
+    )
+    output_sweep_s: int = Field(
+        600, ge=1, description="Seconds between the API's passes that delete MP4 files whose job record has expired."
     )
     job_timeout_s: int = Field(4 * 3600, ge=10, description="A job running longer than this is failed.")
     heartbeat_s: float = Field(

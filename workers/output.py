@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,40 @@ def video_path(output_dir: Path, job_id: str) -> Path:
 
 def partial_path(output_dir: Path, job_id: str) -> Path:
     return Path(output_dir) / f"{job_id}.mp4.partial"
+
+
+_OUTPUT_NAME = re.compile(r"^([0-9a-f]{32})\.mp4(\.partial)?$")  # uuid4().hex job ids (server/routes.py)
+
+
+def sweep_expired(r: redis.Redis, output_dir: Path, ttl_s: float, now: float | None = None) -> list[Path]:
+    """Delete the output files whose job has expired: ``<id>.mp4`` (or a ``.partial`` a lost attempt left) with no
+    job record left in Redis and not written for ``ttl_s`` seconds. Returns the deleted paths.
+
+    A finished file is last written when its job ends, and the record lives ``ttl_s`` (SANA_RESULT_TTL_S) from then
+    on, so a video goes when its record does (the ``expires_at`` the API shows). Both conditions must hold: a file
+    whose record still exists is never deleted, and a Redis that lost its data (no persistence) costs no video
+    younger than the retention time. Files of other names are left alone.
+    """
+    now = time.time() if now is None else now
+    deleted = []
+    try:
+        entries = list(os.scandir(output_dir))
+    except FileNotFoundError:
+        return deleted
+    for entry in entries:
+        match = _OUTPUT_NAME.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < ttl_s:
+                continue
+        except FileNotFoundError:  # deleted meanwhile (another sweeper, or the job's own clean-up)
+            continue
+        if r.exists(jobs.job_key(match.group(1))):
+            continue
+        Path(entry.path).unlink(missing_ok=True)
+        deleted.append(Path(entry.path))
+    return deleted
 
 
 class JobOutput:
