@@ -257,7 +257,8 @@ def apply_fast_path(pipe, mode: str = "auto") -> str:
 
     Returns what now runs the denoiser: "reference", "fast", "fast-fp8", or "tensorrt" (not a PyTorch
     ``SanaVideoTransformer``: untouched whatever the mode). Raises BackendError for an unknown mode or for "fp8"
-    where FP8 cannot run. Compilation happens on the first forward of each input shape (the first job pays it).
+    where FP8 cannot run. Compilation happens on the first forward of each input shape (a worker makes one short
+    video of its default shape at start, ``workers.tasks.warm_up``).
     """
     mode = str(mode).lower()
     if mode not in FAST_MODES:

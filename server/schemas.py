@@ -147,6 +147,7 @@ class WorkerInfo(BaseModel):
                              "tensorrt (a TensorRT denoiser, no fast path).")
     fast_requested: str | None = None
     dtype: str | None = None
+    warmup_s: float | None = Field(None, description="Seconds its start-up warm-up took (None: it made none).")
     host: str | None = None
     busy: bool = False
     job: str | None = None

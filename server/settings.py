@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Precision = Literal["auto", "torch", "nvfp4", "fp8", "bf16"]
 FastMode = Literal["auto", "on", "off", "fp8"]  # engine.fast.FAST_MODES
+Warmup = Literal["auto", "on", "off"]
 
 
 class Settings(BaseSettings):
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
         "auto",
         description="Default fast path of a worker's PyTorch denoiser: auto (fused kernels + torch.compile on CUDA, "
         "the reference elsewhere), on, off, or fp8 (also FP8 linears; needs compute capability >= 8.9).",
+    )
+    worker_warmup: Warmup = Field(
+        "auto",
+        description="Before taking jobs, a worker makes one short video at its default size, so the first job does "
+        "not pay torch.compile's start-up (tens of seconds on a GPU): auto (when the fast path compiles), on, off.",
     )
     worker_engine: str | None = Field(
         None, description="Default folder of the worker's TensorRT engines (what --engine gives one worker)."

@@ -67,6 +67,32 @@ def load_engine(model: str, device: str, precision: str, worker_name: str,
     return _engine
 
 
+def compiles(pipe) -> bool:
+    """Whether the denoiser runs torch.compile'd code, whose first call per input shape compiles it."""
+    settings = getattr(pipe.transformer, "fast_settings", None)
+    return bool(settings is not None and settings.compile)
+
+
+def warm_up(pipe) -> dict[str, Any]:
+    """Make one short video with the model's default size and guidance, so the first job of that size does not
+    pay the start-up of compiled code. A clip takes one step at the default frame count; a stream two blocks (the
+    first, which absorbs the remainder, and a regular one, each with its commit pass) of one step, the block shapes
+    of a default stream. Returns what it ran, with its seconds."""
+    from engine.pipeline import latent_frames, stream_blocks
+
+    params = pipe.resolve(GenerationParams(prompt="warm-up"))
+    if params.mode == "stream":
+        blocks = stream_blocks(latent_frames(params.frames), pipe.preset.block_latent_frames)[:2]
+        params = dataclasses.replace(params, frames=1 + 4 * (sum(blocks) - 1))
+    params = dataclasses.replace(params, steps=1)
+    t0 = time.monotonic()
+    frames = sum(chunk.num_frames for chunk in pipe.generate(params))
+    seconds = time.monotonic() - t0
+    free_memory(str(pipe.device))
+    return {"mode": params.mode, "width": params.width, "height": params.height, "frames": frames,
+            "seconds": round(seconds, 2)}
+
+
 def current_engine() -> Engine:
     if _engine is None:
         raise RuntimeError("no engine loaded in this process: generate_video runs inside `sana-video worker`")

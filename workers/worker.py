@@ -143,6 +143,18 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     log.info("denoiser: %s, %s%s", engine.precision, engine.fast,
              f" ({', '.join(engine.engines)})" if engine.engines else "")
 
+    warmup_s = None
+    if settings.worker_warmup == "on" or (settings.worker_warmup == "auto" and tasks.compiles(pipe)):
+        # Before registering: the API routes no job here until the first one can start at full speed.
+        log.info("warm-up: one short video at the default size")
+        try:
+            ran = tasks.warm_up(pipe)
+            warmup_s = ran["seconds"]
+            log.info("warm-up done in %.1fs (%s %dx%d, %d frames)", warmup_s, ran["mode"], ran["width"],
+                     ran["height"], ran["frames"])
+        except Exception:  # the worker still serves; its first job then pays the start-up itself
+            log.exception("warm-up failed")
+
     models = list(dict.fromkeys([pipe.name, canonical_model(model)]))
     defaults = pipe.resolve(GenerationParams(prompt="defaults")).to_dict()
     info = {
@@ -153,6 +165,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
         "fast": engine.fast,
         "fast_requested": fast,
         "dtype": str(pipe.dtype).removeprefix("torch."),
+        "warmup_s": warmup_s,
         "engines": list(engine.engines),
         "host": socket.gethostname(),
         "pid": os.getpid(),
