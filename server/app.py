@@ -75,7 +75,9 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     app.state.redis = jobs.connect(settings.redis_url)
     app.state.aredis = aioredis.Redis.from_url(settings.redis_url)
-    tasks = [asyncio.create_task(_requeue_lost_jobs(app)), asyncio.create_task(_sweep_expired_outputs(app))]
+    tasks = [asyncio.create_task(_requeue_lost_jobs(app))]
+    if settings.output_sweep_s > 0:
+        tasks.append(asyncio.create_task(_sweep_expired_outputs(app)))
     try:
         yield
     finally:

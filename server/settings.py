@@ -56,7 +56,10 @@ class Settings(BaseSettings):
         description="Seconds a job record (status, progress, errors) and its MP4 file live after the job ends.",
     )
     output_sweep_s: int = Field(
-        600, ge=1, description="Seconds between the API's passes that delete MP4 files whose job record has expired."
+        600,
+        ge=0,
+        description="Seconds between the API's passes that delete MP4 files whose job record has expired; 0 keeps "
+        "every file.",
     )
     job_timeout_s: int = Field(4 * 3600, ge=10, description="A job running longer than this is failed.")
     heartbeat_s: float = Field(

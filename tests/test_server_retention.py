@@ -70,3 +70,15 @@ def test_a_video_goes_with_its_record(services):
     assert metric_value(client.get("/metrics").text, "sana_outputs_expired_total") >= 1
     client.close()
     worker.stop()
+
+
+def test_sweep_zero_keeps_every_file(services, tmp_path):
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    path = folder / f"{uuid.uuid4().hex}.mp4"
+    path.write_bytes(b"\x00" * 64)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))  # no record, older than the retention time
+    api = services.api(SANA_OUTPUT_DIR=str(folder), SANA_RESULT_TTL_S="1", SANA_OUTPUT_SWEEP_S="0")
+    time.sleep(3)  # a sweeping API deletes such a file at once (test above)
+    assert path.exists()
+    assert metric_value(httpx.get(f"{api}/metrics").text, "sana_outputs_expired_total") == 0
