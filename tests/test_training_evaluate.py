@@ -11,7 +11,8 @@ from engine.pipeline import VideoPipeline
 from engine.state import BlockState
 from engine.types import GenerationParams
 from training import data
-from training.evaluate import accuracy, generate_clips, ground_truth, measure, measure_blocks, stream_consistency
+from training.evaluate import (accuracy, generate_clips, ground_truth, measure, measure_blocks, round_trip_blocks,
+                               stream_consistency)
 
 
 def every_combination(backgrounds: int = 1) -> list[data.Case]:
@@ -94,3 +95,39 @@ def test_stream_consistency_reports_every_block_and_a_constant_state():
     assert report["state_bytes"] == [expected]
     # Random weights draw no red circle moving left: the report says so.
     assert report["all_blocks_consistent"] is False
+
+
+@torch.no_grad()
+def test_block_round_trip_equals_decoding_whole_clips_and_sees_a_broken_decoder():
+    """The VAE check decodes block by block as a stream does; the Wan decoder is causal, so its per-frame error must
+    equal decoding the whole clip at once (frames line up). A decoder that goes wrong after the first block (as the
+    17-frame-trained demo decoder did after ~21 frames) shows in the later blocks only."""
+    from engine.vae import latent_stats
+
+    vae = VideoPipeline.from_pretrained("demo", device="cpu", dtype=torch.float32).vae
+    cases = every_combination()[:3]
+    result = round_trip_blocks(vae, cases, frames=33, block_latent_frames=4, seed=7, batch=2)
+    assert (result["clips"], result["blocks_per_clip"], result["blocks"]) == (3, 2, 6)
+    assert result["colour_right_blocks"] == result["motion_right_blocks"] == 6
+    assert result["mean_error_later_blocks"] < 8
+
+    video = data.render(data.scenes_for(cases, torch.Generator().manual_seed(7)), 33)
+    mean, std = latent_stats(vae, vae.config.z_dim, "cpu", torch.float32)
+    z = vae.encode(video).latent_dist.mode()
+    whole = data.to_uint8(vae.decode(z).sample.clamp(-1, 1)).astype(np.float32)
+    per_frame = np.abs(whole - data.to_uint8(video).astype(np.float32)).mean(axis=(0, 2, 3, 4))
+    np.testing.assert_allclose(result["mean_error_per_frame"], per_frame, atol=0.02)
+
+    # Break the decoder from the second latent block on: the check must see it there and not before.
+    decoder_forward = vae.decoder.forward
+    calls = {"n": 0}
+
+    def broken(x, *args, **kwargs):
+        out = decoder_forward(x, *args, **kwargs)
+        calls["n"] += 1
+        return out if calls["n"] <= 5 else -out  # one batch, one call per latent frame: the first block is 5
+
+    vae.decoder.forward = broken
+    bad = round_trip_blocks(vae, cases[:2], frames=33, block_latent_frames=4, seed=7, batch=2)
+    assert bad["mean_error_first_block"] == pytest.approx(result["mean_error_first_block"], abs=1.0)
+    assert bad["mean_error_later_blocks"] > 30 and bad["colour_right_blocks"] <= 2

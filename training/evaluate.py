@@ -116,6 +116,47 @@ def accuracy(measurements: list[Measurement], cases: list[data.Case]) -> dict:
     return {"clips": n, "colour_accuracy": colour / n if n else 0.0, "motion_accuracy": motion / n if n else 0.0}
 
 
+@torch.no_grad()
+def round_trip_blocks(vae, cases: list[data.Case], frames: int = 65, block_latent_frames: int = 4, seed: int = 0,
+                      batch: int = 8) -> dict:
+    """The VAE alone, as a stream uses it: clips of ``cases`` rendered at ``frames``, encoded whole, then decoded
+    block by block (``block_latent_frames`` latent frames a block, the first one more) by the streaming decoder.
+    Returns the mean absolute error per frame (0-255 levels) and how many decoded blocks still measure as the
+    clip's colour and motion. A decoder trained on clips shorter than a stream drifts after its training length
+    (a whole-clip check cannot see it); this does."""
+    from engine.pipeline import frames_of_blocks, latent_frames, stream_blocks
+    from engine.vae import StreamingDecoder, latent_stats
+
+    param = next(vae.parameters())
+    mean, std = latent_stats(vae, vae.config.z_dim, param.device, torch.float32)
+    video = data.render(data.scenes_for(cases, torch.Generator(param.device).manual_seed(seed)), frames)
+    blocks = stream_blocks(latent_frames(frames), block_latent_frames)
+    errors, colour_ok, motion_ok, n_blocks = [], 0, 0, 0
+    for i in range(0, len(cases), batch):
+        clips = video[i : i + batch]
+        z = (vae.encode(clips.to(param.dtype)).latent_dist.mode().float() - mean) / std
+        decoder, start, decoded = StreamingDecoder(vae), 0, []
+        for n in blocks:
+            decoded.append(data.to_uint8(decoder.decode_block(z[:, :, start : start + n]).float().clamp(-1, 1)))
+            start += n
+        truth = data.to_uint8(clips.float())
+        out = np.concatenate(decoded, axis=1)
+        errors.append(np.abs(out.astype(np.float32) - truth.astype(np.float32)).mean(axis=(2, 3, 4)))
+        for j, case in enumerate(cases[i : i + batch]):
+            per_block = [d[j] for d in decoded]
+            for m in measure_blocks(per_block):
+                colour_ok += m.colour == case.colour
+                motion_ok += m.motion == case.motion
+                n_blocks += 1
+    per_frame = np.concatenate(errors).mean(axis=0)
+    head = frames_of_blocks(blocks)[0]
+    return {"clips": len(cases), "frames": frames, "blocks_per_clip": len(blocks), "blocks": n_blocks,
+            "colour_right_blocks": colour_ok, "motion_right_blocks": motion_ok,
+            "mean_error_first_block": round(float(per_frame[:head].mean()), 3),
+            "mean_error_later_blocks": round(float(per_frame[head:].mean()), 3),
+            "mean_error_per_frame": [round(float(e), 2) for e in per_frame]}
+
+
 def ground_truth(cases: list[data.Case], frames: int = 33, seed: int = 0) -> dict:
     """The measurement applied to the generator's own clips of ``cases`` (should be ~100%)."""
     g = torch.Generator().manual_seed(seed)
@@ -291,16 +332,23 @@ def stream_consistency(pipe, case: data.Case, seconds: float = 60.0, seed: int =
 COLOUR_THRESHOLD, MOTION_THRESHOLD = 0.9, 0.8  # what the demo models must reach on the held-out prompts
 
 
+def held_out_clips(backgrounds: int = 2, seeds_per_case: int = 1) -> tuple[list[data.Case], list[int]]:
+    """The held-out evaluation's clips: every held-out prompt ``seeds_per_case`` times, with seeds 0.. (+1000 per
+    prompt), so runs with the same counts score the same clips."""
+    cases = [c for c in data.held_out_cases(backgrounds) for _ in range(seeds_per_case)]
+    return cases, [i % seeds_per_case + 1000 * (i // seeds_per_case) for i in range(len(cases))]
+
+
 def evaluate_model(model: str, device: str | None = None, dtype: str | None = None, backgrounds: int = 2,
                    seeds_per_case: int = 1, frames: int | None = None, steps: int | None = None,
-                   guidance_scale: float | None = None, batch: int = 8, stream_seconds: float = 0.0) -> dict:
+                   guidance_scale: float | None = None, batch: int = 8, stream_seconds: float = 0.0,
+                   vae_frames: int = 0) -> dict:
     """Held-out accuracies of ``model`` (preset name or pipeline folder) as a JSON-ready dict."""
     from engine.pipeline import VideoPipeline
     from engine.types import GenerationParams
 
     pipe = VideoPipeline.from_pretrained(model, device=device, dtype=dtype)
-    cases = [c for c in data.held_out_cases(backgrounds) for _ in range(seeds_per_case)]
-    seeds = [i % seeds_per_case + 1000 * (i // seeds_per_case) for i in range(len(cases))]
+    cases, seeds = held_out_clips(backgrounds, seeds_per_case)
     resolved = pipe.resolve(GenerationParams(prompt=cases[0].prompt, frames=frames, steps=steps,
                                              guidance_scale=guidance_scale))
     settings = {"frames": resolved.frames, "fps": resolved.fps, "width": resolved.width, "height": resolved.height,
@@ -332,6 +380,9 @@ def evaluate_model(model: str, device: str | None = None, dtype: str | None = No
     if stream_seconds > 0 and pipe.causal:
         out["stream"] = stream_consistency(pipe, cases[0], seconds=stream_seconds, steps=steps,
                                            guidance_scale=guidance_scale)
+    if vae_frames > 0:
+        out["vae_round_trip"] = round_trip_blocks(pipe.vae, data.held_out_cases(backgrounds), frames=vae_frames,
+                                                  block_latent_frames=pipe.preset.block_latent_frames)
     return out
 
 
@@ -349,9 +400,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8, help="prompts generated together")
     p.add_argument("--stream-seconds", type=float, default=0.0,
                    help="causal models: also one stream this long, checked block by block")
+    p.add_argument("--vae-frames", type=int, default=0,
+                   help="also the VAE alone: held-out clips of this many frames (4k+1) encoded, then decoded block by "
+                   "block as a stream decodes them")
     args = p.parse_args(argv)
+    if args.vae_frames and (args.vae_frames < 1 or (args.vae_frames - 1) % 4):
+        p.error(f"--vae-frames {args.vae_frames}: expected 4k+1 frames (e.g. 65)")
     report = evaluate_model(args.model, args.device, args.dtype, args.backgrounds, args.seeds, args.frames,
-                            args.steps, args.guidance_scale, args.batch, args.stream_seconds)
+                            args.steps, args.guidance_scale, args.batch, args.stream_seconds, args.vae_frames)
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -363,6 +419,11 @@ def main(argv=None) -> int:
         s = report["stream"]
         summary += (f"; {s['seconds_of_video']:.0f}s stream: colour {s['colour_consistent_blocks']}/{s['blocks']}, "
                     f"motion {s['motion_consistent_blocks']}/{s['blocks']} blocks")
+    if "vae_round_trip" in report:
+        v = report["vae_round_trip"]
+        summary += (f"; VAE alone over {v['frames']} frames: colour {v['colour_right_blocks']}/{v['blocks']}, motion "
+                    f"{v['motion_right_blocks']}/{v['blocks']} blocks, mean error {v['mean_error_first_block']:.1f} "
+                    f"(first block) / {v['mean_error_later_blocks']:.1f} (later) levels")
     print(summary if args.out else text)
     return 0
 

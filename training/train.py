@@ -614,7 +614,7 @@ class Run:
     def vae_round_trip(self) -> None:
         """Held-out clips encoded and decoded by the exported VAE, then measured like generated ones: the ceiling of
         what the transformers can reach (a VAE that loses the colour makes every later accuracy meaningless)."""
-        from training.evaluate import accuracy, measure
+        from training.evaluate import accuracy, measure, round_trip_blocks
 
         vae = self.export_vae()
         cases = data.held_out_cases(2)
@@ -624,9 +624,17 @@ class Run:
             recon = torch.cat([vae.decode(vae.encode(video[i : i + 8]).latent_dist.mode()).sample.float()
                                for i in range(0, len(cases), 8)])
         result = accuracy([measure(c) for c in data.to_uint8(recon.clamp(-1, 1))], cases)
+        # Streams decode block by block for far longer than a training clip: check the decoder past that length.
+        k = self.cfg.block_latent_frames
+        with autocast(self.device):
+            result["blocks"] = round_trip_blocks(vae, cases, frames=1 + 4 * 4 * k, block_latent_frames=k,
+                                                 seed=self.args.seed + 9)
         self.progress["vae"]["round_trip"] = result
+        b = result["blocks"]
         log(f"vae round trip on held-out clips: colour {result['colour_accuracy']:.3f} "
-            f"motion {result['motion_accuracy']:.3f}")
+            f"motion {result['motion_accuracy']:.3f}; block by block over {b['frames']} frames: colour "
+            f"{b['colour_right_blocks']}/{b['blocks']} blocks, mean error {b['mean_error_first_block']:.1f} (first "
+            f"block) / {b['mean_error_later_blocks']:.1f} (later) levels")
 
     def set_latent_stats(self, mean: list[float], std: list[float]) -> None:
         for vae in (self.models["vae"], self.emas["vae"].module):
