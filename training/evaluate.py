@@ -382,7 +382,7 @@ def evaluate_model(model: str, device: str | None = None, dtype: str | None = No
                                            guidance_scale=guidance_scale)
     if vae_frames > 0:
         out["vae_round_trip"] = round_trip_blocks(pipe.vae, data.held_out_cases(backgrounds), frames=vae_frames,
-                                                  block_latent_frames=pipe.preset.block_latent_frames)
+                                                  block_latent_frames=pipe.preset.block_latent_frames, batch=batch)
     return out
 
 

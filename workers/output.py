@@ -16,6 +16,7 @@ a ``start`` entry with the new attempt number is appended. Viewers treat a start
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ import redis
 
 from server.settings import Settings
 from workers import jobs
+
+log = logging.getLogger("sana.outputs")
 
 
 def video_path(output_dir: Path, job_id: str) -> Path:
@@ -49,24 +52,34 @@ def sweep_expired(r: redis.Redis, output_dir: Path, ttl_s: float, now: float | N
     younger than the retention time. Files of other names are left alone.
     """
     now = time.time() if now is None else now
-    deleted = []
     try:
         entries = list(os.scandir(output_dir))
     except FileNotFoundError:
-        return deleted
+        return []
+    old = []
     for entry in entries:
         match = _OUTPUT_NAME.match(entry.name)
-        if match is None or not entry.is_file(follow_symlinks=False):
+        try:
+            if match and entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime >= ttl_s:
+                old.append((Path(entry.path), match.group(1)))
+        except OSError:  # deleted meanwhile (another sweeper, the job's own clean-up), or unreadable: not ours now
+            continue
+    if not old:
+        return []
+    with r.pipeline(transaction=False) as pipe:
+        for _, job_id in old:
+            pipe.exists(jobs.job_key(job_id))
+        alive = pipe.execute()
+    deleted = []
+    for (path, _), exists in zip(old, alive):
+        if exists:
             continue
         try:
-            if now - entry.stat(follow_symlinks=False).st_mtime < ttl_s:
-                continue
-        except FileNotFoundError:  # deleted meanwhile (another sweeper, or the job's own clean-up)
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # e.g. a read-only mount: skip it, sweep the rest
+            log.warning("cannot delete expired output %s: %s", path, exc)
             continue
-        if r.exists(jobs.job_key(match.group(1))):
-            continue
-        Path(entry.path).unlink(missing_ok=True)
-        deleted.append(Path(entry.path))
+        deleted.append(path)
     return deleted
 
 

@@ -86,9 +86,11 @@ def warm_up(pipe) -> dict[str, Any]:
         params = dataclasses.replace(params, frames=1 + 4 * (sum(blocks) - 1))
     params = dataclasses.replace(params, steps=1)
     t0 = time.monotonic()
-    frames = sum(chunk.num_frames for chunk in pipe.generate(params))
+    try:
+        frames = sum(chunk.num_frames for chunk in pipe.generate(params))
+    finally:
+        free_memory(str(pipe.device))
     seconds = time.monotonic() - t0
-    free_memory(str(pipe.device))
     return {"mode": params.mode, "width": params.width, "height": params.height, "frames": frames,
             "seconds": round(seconds, 2)}
 
