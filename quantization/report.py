@@ -256,7 +256,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     result: dict = {"version": RESULT_VERSION, "what": "quantization quality against bf16", "smoke": args.smoke,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "budget_s": args.budget,
-                    "python": platform.python_version(), "cases": [], "notes": []}
+                    "python": platform.python_version(), "machine": platform.machine(),
+                    "command": " ".join(["python -m quantization.report", *(sys.argv[1:] if argv is None else argv)]),
+                    "cases": [], "notes": []}
     _write(args.out, result)
     try:
         import diffusers
