@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         description="Before taking jobs, a worker makes one short video at its default size, so the first job does "
         "not pay torch.compile's start-up (tens of seconds on a GPU): auto (when the fast path compiles), on, off.",
     )
+    worker_warmup_timeout_s: float = Field(
+        1800, gt=0, description="A warm-up not done after this many seconds is stuck: the worker exits with status 1."
+    )
     worker_engine: str | None = Field(
         None, description="Default folder of the worker's TensorRT engines (what --engine gives one worker)."
     )

@@ -7,13 +7,15 @@ On a CPU nothing compiles, so ``auto`` makes no warm-up here; ``on`` forces one 
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 
 import httpx
 import numpy as np
 import pytest
-from conftest import decode_mp4, wait_job
+from conftest import Proc, decode_mp4, wait_job
 
 from workers.jobs import read_job
+from workers.registry import live_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -50,3 +52,15 @@ def test_warmed_worker_reports_it_and_makes_the_same_videos(services):
     assert len(videos[0]) == len(videos[1]) == 45
     assert all(np.array_equal(a, b) for a, b in zip(*videos))
     client.close()
+
+
+def test_a_stuck_warm_up_exits_the_worker_instead_of_never_registering(services):
+    proc = Proc("worker-stuck", [sys.executable, "-m", "workers", "--model", MODEL, "--device", "cpu",
+                                 "--metrics-port", "0"],
+                services.env(SANA_WORKER_WARMUP="on", SANA_WORKER_WARMUP_TIMEOUT_S="0.001"), services.workdir)
+    services.procs.append(proc)
+    assert proc.popen.wait(timeout=240) == 1
+    assert "warm-up did not finish in 0.001s" in proc.log()
+    r = services.redis.client()
+    assert not any(w.get("pid") == proc.pid for w in live_workers(r))
+    r.close()

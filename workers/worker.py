@@ -113,6 +113,15 @@ def pick_device(device: str | None) -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def _warmup_watchdog(done: threading.Event, timeout_s: float) -> None:
+    """A warm-up that has not finished in ``timeout_s`` is stuck (a job would be too): exit with status 1, so the
+    process supervisor restarts the worker and the failure shows, instead of a worker that never registers."""
+    if not done.wait(timeout_s):
+        log.error("warm-up did not finish in %gs (SANA_WORKER_WARMUP_TIMEOUT_S): exiting", timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+
 def run_worker(model: str | None = None, device: str | None = None, precision: str | None = None,
                engine_path: str | None = None, metrics_port: int | None = None, burst: bool = False,
                fast: str | None = None) -> None:
@@ -146,7 +155,9 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     warmup_s = None
     if settings.worker_warmup == "on" or (settings.worker_warmup == "auto" and tasks.compiles(pipe)):
         # Before registering: the API routes no job here until the first one can start at full speed.
-        log.info("warm-up: one short video at the default size")
+        log.info("warm-up: one short video at the default size (at most %gs)", settings.worker_warmup_timeout_s)
+        done = threading.Event()
+        threading.Thread(target=_warmup_watchdog, args=(done, settings.worker_warmup_timeout_s), daemon=True).start()
         try:
             ran = tasks.warm_up(pipe)
             warmup_s = ran["seconds"]
@@ -154,6 +165,8 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
                      ran["height"], ran["frames"])
         except Exception:  # the worker still serves; its first job then pays the start-up itself
             log.exception("warm-up failed")
+        finally:
+            done.set()
 
     models = list(dict.fromkeys([pipe.name, canonical_model(model)]))
     defaults = pipe.resolve(GenerationParams(prompt="defaults")).to_dict()
