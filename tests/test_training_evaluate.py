@@ -102,8 +102,6 @@ def test_block_round_trip_equals_decoding_whole_clips_and_sees_a_broken_decoder(
     """The VAE check decodes block by block as a stream does; the Wan decoder is causal, so its per-frame error must
     equal decoding the whole clip at once (frames line up). A decoder that goes wrong after the first block (as the
     17-frame-trained demo decoder did after ~21 frames) shows in the later blocks only."""
-    from engine.vae import latent_stats
-
     vae = VideoPipeline.from_pretrained("demo", device="cpu", dtype=torch.float32).vae
     cases = every_combination()[:3]
     result = round_trip_blocks(vae, cases, frames=33, block_latent_frames=4, seed=7, batch=2)
@@ -112,7 +110,6 @@ def test_block_round_trip_equals_decoding_whole_clips_and_sees_a_broken_decoder(
     assert result["mean_error_later_blocks"] < 8
 
     video = data.render(data.scenes_for(cases, torch.Generator().manual_seed(7)), 33)
-    mean, std = latent_stats(vae, vae.config.z_dim, "cpu", torch.float32)
     z = vae.encode(video).latent_dist.mode()
     whole = data.to_uint8(vae.decode(z).sample.clamp(-1, 1)).astype(np.float32)
     per_frame = np.abs(whole - data.to_uint8(video).astype(np.float32)).mean(axis=(0, 2, 3, 4))

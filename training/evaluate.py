@@ -125,21 +125,20 @@ def round_trip_blocks(vae, cases: list[data.Case], frames: int = 65, block_laten
     clip's colour and motion. A decoder trained on clips shorter than a stream drifts after its training length
     (a whole-clip check cannot see it); this does."""
     from engine.pipeline import frames_of_blocks, latent_frames, stream_blocks
-    from engine.vae import StreamingDecoder, latent_stats
+    from engine.vae import StreamingDecoder, encode_video
 
-    param = next(vae.parameters())
-    mean, std = latent_stats(vae, vae.config.z_dim, param.device, torch.float32)
-    video = data.render(data.scenes_for(cases, torch.Generator(param.device).manual_seed(seed)), frames)
+    device = next(vae.parameters()).device
+    video = data.render(data.scenes_for(cases, torch.Generator(device).manual_seed(seed)), frames)
     blocks = stream_blocks(latent_frames(frames), block_latent_frames)
     errors, colour_ok, motion_ok, n_blocks = [], 0, 0, 0
     for i in range(0, len(cases), batch):
         clips = video[i : i + batch]
-        z = (vae.encode(clips.to(param.dtype)).latent_dist.mode().float() - mean) / std
+        z = encode_video(vae, clips)
         decoder, start, decoded = StreamingDecoder(vae), 0, []
         for n in blocks:
-            decoded.append(data.to_uint8(decoder.decode_block(z[:, :, start : start + n]).float().clamp(-1, 1)))
+            decoded.append(data.to_uint8(decoder.decode_block(z[:, :, start : start + n])))
             start += n
-        truth = data.to_uint8(clips.float())
+        truth = data.to_uint8(clips)
         out = np.concatenate(decoded, axis=1)
         errors.append(np.abs(out.astype(np.float32) - truth.astype(np.float32)).mean(axis=(2, 3, 4)))
         for j, case in enumerate(cases[i : i + batch]):

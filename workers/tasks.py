@@ -78,12 +78,12 @@ def warm_up(pipe) -> dict[str, Any]:
     pay the start-up of compiled code. A clip takes one step at the default frame count; a stream two blocks (the
     first, which absorbs the remainder, and a regular one, each with its commit pass) of one step, the block shapes
     of a default stream. Returns what it ran, with its seconds."""
-    from engine.pipeline import latent_frames, stream_blocks
+    from engine.pipeline import frames_of_blocks, latent_frames, stream_blocks
 
     params = pipe.resolve(GenerationParams(prompt="warm-up"))
     if params.mode == "stream":
         blocks = stream_blocks(latent_frames(params.frames), pipe.preset.block_latent_frames)[:2]
-        params = dataclasses.replace(params, frames=1 + 4 * (sum(blocks) - 1))
+        params = dataclasses.replace(params, frames=sum(frames_of_blocks(blocks)))
     params = dataclasses.replace(params, steps=1)
     t0 = time.monotonic()
     try:
