@@ -31,43 +31,34 @@ log = logging.getLogger("sana.api")
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def _requeue_pass(r: redis.Redis) -> None:
-    jobs.requeue_abandoned(r, jobs.queued_models(r))  # all queues: a model may have lost every worker
-
-
-async def _requeue_lost_jobs(app: FastAPI) -> None:
-    """Every heartbeat period, hand jobs of dead workers back to their queue (workers do this too; whoever
-    holds the queue's maintenance lock does it). Covers the case where every worker of a model died."""
-    settings: Settings = app.state.settings
-    while True:
-        await asyncio.sleep(settings.heartbeat_s)
-        try:
-            await asyncio.to_thread(_requeue_pass, app.state.redis)
-        except redis.RedisError as exc:
-            log.warning("re-queue pass skipped: %s", exc)
-        except Exception:
-            log.exception("re-queue pass failed")
+def _requeue_pass(r: redis.Redis, settings: Settings) -> None:
+    """Hand jobs of dead workers back to their queue (workers do this too; whoever holds the queue's maintenance lock
+    does it). Covers the case where every worker of a model died: all queues are looked at."""
+    jobs.requeue_abandoned(r, jobs.queued_models(r))
 
 
 def _sweep_pass(r: redis.Redis, settings: Settings) -> None:
+    """Delete the MP4 files whose job record has expired (a video lives as long as its record, SANA_RESULT_TTL_S
+    after the job ended); without this the output volume would only grow."""
     deleted = output.sweep_expired(r, settings.output_dir, settings.result_ttl_s)
     if deleted:
         OUTPUTS_EXPIRED.inc(len(deleted))
         log.info("deleted %d expired output files", len(deleted))
 
 
-async def _sweep_expired_outputs(app: FastAPI) -> None:
-    """Every SANA_OUTPUT_SWEEP_S, delete the MP4 files whose job record has expired (a video lives as long as its
-    record, SANA_RESULT_TTL_S after the job ended); without this the output volume would only grow."""
-    settings: Settings = app.state.settings
+async def _every(app: FastAPI, period_s: float, work, what: str, first_now: bool) -> None:
+    """Run ``work(redis, settings)`` in a thread every ``period_s`` (the first time at once when ``first_now``), for
+    the life of the API; a failed pass is logged and the next one comes as usual."""
+    if not first_now:
+        await asyncio.sleep(period_s)
     while True:
         try:
-            await asyncio.to_thread(_sweep_pass, app.state.redis, settings)
+            await asyncio.to_thread(work, app.state.redis, app.state.settings)
         except redis.RedisError as exc:
-            log.warning("output sweep skipped: %s", exc)
+            log.warning("%s skipped: %s", what, exc)
         except Exception:
-            log.exception("output sweep failed")
-        await asyncio.sleep(settings.output_sweep_s)
+            log.exception("%s failed", what)
+        await asyncio.sleep(period_s)
 
 
 @contextlib.asynccontextmanager
@@ -75,9 +66,10 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     app.state.redis = jobs.connect(settings.redis_url)
     app.state.aredis = aioredis.Redis.from_url(settings.redis_url)
-    tasks = [asyncio.create_task(_requeue_lost_jobs(app))]
+    loops = [_every(app, settings.heartbeat_s, _requeue_pass, "re-queue pass", first_now=False)]
     if settings.output_sweep_s > 0:
-        tasks.append(asyncio.create_task(_sweep_expired_outputs(app)))
+        loops.append(_every(app, settings.output_sweep_s, _sweep_pass, "output sweep", first_now=True))
+    tasks = [asyncio.create_task(loop) for loop in loops]
     try:
         yield
     finally:
