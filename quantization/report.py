@@ -234,8 +234,9 @@ def run_case(model_name, pipe, precision, settings, calib_prompts, eval_prompts,
             if accuracy is not None and dev.type == "cuda":
                 record["fp8_real"]["accuracy"] = _swap(pipe, real, lambda: accuracy(pipe))
             elif accuracy is not None:  # same arithmetic as the Q/DQ reference (tests/test_quant_formats.py), scored
-                record["fp8_real"]["accuracy_skipped"] = ("torch._scaled_mm on a CPU is an emulation, about 1000x "
-                                                          "slower than an fp32 matmul; see qdq_reference.accuracy")
+                record["fp8_real"]["accuracy_skipped"] = ("torch._scaled_mm on a CPU is an emulation, over 1000x "
+                                                          "slower than an fp32 matmul (benchmarks/results/demo/"
+                                                          "scaled_mm_cpu_probe.json); see qdq_reference.accuracy")
         except Exception as exc:  # e.g. no FP8 GEMM on this GPU / build
             record["fp8_real"] = {"error": f"{type(exc).__name__}: {exc}"}
     return record  # the copies are freed with this frame
