@@ -78,7 +78,7 @@ def stream_overlapped(pipe, blocks: int, block_latent: int, budget: Budget | Non
     emb, mask = pipe._encode_prompt(params, cfg=False)
     shape = pipe._latent_shape(params, block_latent)
     state = BlockState.for_model(pipe.transformer, 1, shape[3], shape[4])
-    decoder = StreamingDecoder(pipe.vae)
+    decoder = StreamingDecoder(pipe.vae, fast=pipe.fast_vae)
     sigmas = [shifted_sigma(t, pipe.preset.stream_shift) for t in pipe.stream_timesteps(params.steps)]
     rows, pending, stopped_early = [], None, False
 
@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=20)
     p.add_argument("--reference-blocks", type=int, default=3, help="blocks of the unoptimized model (0: skip)")
     p.add_argument("--overlap-blocks", type=int, default=8, help="blocks of the overlapped-decode run (0: skip)")
+    p.add_argument("--diffusers-vae-blocks", type=int, default=6,
+                   help="blocks of the fast transformer with diffusers' VAE decoder, for comparison (0: skip)")
     p.add_argument("--fp8", action="store_true", help="also stream with the FP8 transformer")
     p.add_argument("--no-cudnn-benchmark", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
         "width": pipe.preset.width, "block_latent_frames": block_latent,
         "steps_per_block": len(pipe.preset.stream_timesteps), "commit_forward": True,
         "guidance_scale": pipe.preset.stream_guidance_scale, "blocks": blocks, "dtype": str(dtype),
-        "vae": "AutoencoderKLWan() defaults, random, decode of every block with the cache kept",
+        "vae": "AutoencoderKLWan() defaults, random, decode of every block with the cache kept (fast cases: "
+               "engine.vae.FastWanDecoder on the same weights)",
         "text_encoder": "Gemma2Config() defaults, random, word-level tokenizer",
         "cudnn_benchmark": torch.backends.cudnn.benchmark, "smoke": smoke,
         "targets": {"fps": ">= 40", "first_frames_s": "<= 1.5", "memory_drift": "<= 0.01 (block 2 to last)"},
@@ -193,27 +196,33 @@ def main(argv=None) -> int:
     print(f"== streaming: {blocks} blocks of {block_latent} latent frames, budget {budget.left():.0f}s", flush=True)
     reference = pipe.transformer
 
-    def fast_case(fp8: bool):
+    def fast_case(fp8: bool, fast_vae: bool = True, n_blocks: int = blocks):
         def run():
             model = optimize(_clone(reference), fp8=fp8, compile=True, compile_backend=backend)
             pipe.transformer = TimedModule(model)
+            pipe.fast_vae = fast_vae
             t0 = now()
-            stream_once(pipe, 1, block_latent, None)  # compile + cudnn algorithm search, outside the numbers
+            stream_once(pipe, 2, block_latent, None)  # compile + cudnn algorithm search, outside the numbers
             warm = now() - t0
-            row = stream_once(pipe, blocks, block_latent, budget, reserve_s=5)
+            row = stream_once(pipe, n_blocks, block_latent, budget, reserve_s=5)
             row["warmup_s"] = round(warm, 2)
-            pipe.transformer = reference
+            row["vae"] = "engine.vae.FastWanDecoder" if fast_vae else "diffusers AutoencoderKLWan.decoder"
+            pipe.transformer, pipe.fast_vae = reference, False
             return row
         return run
 
     run_case(results, "fast_bf16", fast_case(False), budget, needs_s=40)
+    if not smoke and args.diffusers_vae_blocks:
+        run_case(results, "fast_bf16_diffusers_vae", fast_case(False, False, args.diffusers_vae_blocks), budget,
+                 needs_s=25, note="the same stream decoded by diffusers' Wan decoder (the reference)")
     if not smoke and args.overlap_blocks:  # two CUDA streams
         def overlapped():
             model = optimize(_clone(reference), compile=True, compile_backend=backend)  # compiled graphs cached
             pipe.transformer = TimedModule(model)
+            pipe.fast_vae = True
             stream_overlapped(pipe, 1, block_latent, None)
             row = stream_overlapped(pipe, args.overlap_blocks, block_latent, budget, reserve_s=5)
-            pipe.transformer = reference
+            pipe.transformer, pipe.fast_vae = reference, False
             return row
         run_case(results, "fast_bf16_overlapped_decode", overlapped, budget, needs_s=25,
                  note="experiment: decode of block b on a second CUDA stream during block b+1 (pipeline change)")

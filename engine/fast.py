@@ -202,16 +202,32 @@ class BlockCore(nn.Module):
         return x, S, z, last
 
 
+class RopePairs:
+    """Per-pair RoPE tables [N, d/2] (cos of the even lanes, sin of the odd) of the model's interleaved [1, N, 1, d]
+    tables, made contiguous once per forward and shared by every block: the kernels then read dense rows instead
+    of every other element."""
+
+    def __init__(self):
+        self.source = None
+        self.pairs = None
+
+    def __call__(self, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.source is not rope[0]:  # a new forward (the reference keeps the table alive: no id reuse)
+            self.source = rope[0]
+            self.pairs = (rope[0][0, :, 0, 0::2].contiguous(), rope[1][0, :, 0, 1::2].contiguous())
+        return self.pairs
+
+
 class FastBlock(nn.Module):
     """Drop-in for ``TransformerBlock`` (same forward signature); state I/O stays outside the compiled core."""
 
-    def __init__(self, block: TransformerBlock, fp8: bool = False, kernels: bool = True):
+    def __init__(self, block: TransformerBlock, fp8: bool = False, kernels: bool = True, rope_pairs=None):
         super().__init__()
         self.core = BlockCore(block, fp8=fp8, kernels=kernels)
+        self.rope_pairs = rope_pairs if rope_pairs is not None else RopePairs()
 
     def forward(self, x, context, context_bias, temb, rope, grid, layer, state=None, commit=False, block_frames=None):
-        # Per-pair RoPE tables [N, d/2] as views of the model's interleaved [1, N, 1, d] tables (no copy).
-        cos, sin = rope[0][0, :, 0, 0::2], rope[1][0, :, 0, 1::2]
+        cos, sin = self.rope_pairs(rope)
         S_prev = z_prev = left = None
         if state is not None:
             S_prev, z_prev = state.attention_sums(layer)
@@ -232,9 +248,10 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
     each block's math once per input shape (``dynamic=False``: one specialised graph per resolution bucket);
     ``compile_mode``/``compile_backend`` go to ``torch.compile``.
     """
+    rope_pairs = RopePairs()
     for i, block in enumerate(model.transformer_blocks):
         if isinstance(block, TransformerBlock):
-            model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels)
+            model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels, rope_pairs=rope_pairs)
     # RoPE tables in fp32 whatever the weights' dtype: casting the model to bf16 rounds every cos/sin to 8 bits,
     # an error the kernels (which rotate in fp32) need not inherit. Rebuilt, since the cast already rounded them.
     cfg = model.config
@@ -289,6 +306,7 @@ def apply_fast_path(pipe, mode: str = "auto") -> str:
                 f"{model.device} ({where}) (accepted here: {', '.join(m for m in FAST_MODES if m != 'fp8')})"
             )
     optimize(model, kernels=True, fp8=fp8, compile=compiles)
+    pipe.fast_vae = True  # engine.vae.FastWanDecoder: compiled where the transformer is
     return "fast-fp8" if fp8 else "fast"
 
 

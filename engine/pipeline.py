@@ -96,6 +96,8 @@ class VideoPipeline:
         self.dtype = dtype
         self.last_state_bytes = 0
         self.patch = transformer.config.patch_size
+        # Decode with engine.vae.FastWanDecoder (set by engine.fast.apply_fast_path); else diffusers' decoder.
+        self.fast_vae = False
 
     @property
     def causal(self) -> bool:
@@ -329,8 +331,12 @@ class VideoPipeline:
                 torch.cuda.empty_cache()
 
     def _noise(self, gen: torch.Generator, shape) -> torch.Tensor:
-        # Drawn on the CPU so a seed gives the same video on every device.
-        return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+        # Drawn on the CPU so a seed gives the same video on every device. Copied from pinned memory without blocking:
+        # a stream draws noise between forwards, and a pageable copy would wait for the GPU to finish the last one.
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if self.device.type != "cuda":
+            return noise.to(self.device)
+        return noise.pin_memory().to(self.device, non_blocking=True)
 
     def _latent_shape(self, params: GenerationParams, frames: int) -> tuple[int, ...]:
         c = self.transformer.config.in_channels
@@ -347,14 +353,15 @@ class VideoPipeline:
         config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
         scheduler = DPMSolverMultistepScheduler.from_config(config)
         scheduler.set_timesteps(params.steps, device=self.device)
-        for i, t in enumerate(scheduler.timesteps):
+        # The timesteps' values read once: float() of a GPU tensor every step would wait for the step before it.
+        for i, (t, t_value) in enumerate(zip(scheduler.timesteps, scheduler.timesteps.tolist())):
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled("cancelled")
-            v = self._velocity(latents, float(t), emb, mask, params.guidance_scale, cfg)
+            v = self._velocity(latents, t_value, emb, mask, params.guidance_scale, cfg)
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
             if on_progress is not None:
                 on_progress(Progress(1, 1, i + 1, params.steps, 0, params.frames))
-        decoder = StreamingDecoder(self.vae)
+        decoder = StreamingDecoder(self.vae, fast=self.fast_vae)
         start, frames_done = 0, 0
         for index, n in enumerate(self._blocks(params)):
             if should_cancel is not None and should_cancel():
@@ -375,7 +382,7 @@ class VideoPipeline:
         shape = self._latent_shape(params, 1)
         state = BlockState.for_model(self.transformer, 2 if cfg else 1, shape[3], shape[4])
         self.last_state_bytes = state.nbytes()
-        decoder = StreamingDecoder(self.vae)
+        decoder = StreamingDecoder(self.vae, fast=self.fast_vae)
         timesteps = self.stream_timesteps(params.steps)
         sigmas = [shifted_sigma(t, self.preset.stream_shift) for t in timesteps]
         steps_total = len(timesteps) + 1

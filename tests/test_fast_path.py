@@ -30,6 +30,7 @@ def test_fast_path_makes_the_reference_video(preset):
     fast = VideoPipeline.from_pretrained(preset, device="cpu")
     assert apply_fast_path(fast, "on") == "fast"
     assert block_types(fast) == {FastBlock} and fast.transformer.fast_settings.compile is False
+    assert fast.fast_vae and not reference.fast_vae  # the VAE's fast decoder too
     expected, got = video(reference), video(fast)
     assert got.shape == expected.shape == (17, 64, 64, 3)
     diff = np.abs(got.astype(int) - expected.astype(int))

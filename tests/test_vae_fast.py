@@ -1,0 +1,66 @@
+"""``engine.vae.FastWanDecoder`` against diffusers' Wan decoder (the reference) on the same weights: block-by-block
+decoding with the cache kept, the first chunk, the partial cache of the second and the steady state all included.
+On CPU the fused passes run eagerly in fp32; the compiled bf16 path is pinned on CUDA."""
+
+import pytest
+import torch
+
+from engine.pipeline import VideoPipeline
+from engine.vae import FastWanDecoder, StreamingDecoder, build_vae, decode_whole
+
+
+def blockwise(vae, z, bounds, fast):
+    decoder = StreamingDecoder(vae, fast=fast)
+    return torch.cat([decoder.decode_block(z[:, :, s:e]) for s, e in bounds], 2)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
+def test_fast_decoder_equals_diffusers(preset):
+    vae = VideoPipeline.from_pretrained(preset, device="cpu").vae.float()
+    z = torch.randn(1, vae.config.z_dim, 9, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = decode_whole(vae, z)
+    bounds = ((0, 1), (1, 4), (4, 5), (5, 9))  # a one-frame first block, then the cache's partial and full states
+    fast = blockwise(vae, z, bounds, fast=True)
+    assert fast.shape == whole.shape == (1, 3, 33, 64, 64)
+    assert torch.allclose(fast, whole, atol=2e-5, rtol=0)
+    other = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    assert (blockwise(vae, other, bounds, fast=True) - whole).abs().mean() > 0.01  # the comparison can fail
+    assert isinstance(StreamingDecoder(vae, fast=True).decoder, FastWanDecoder)
+    assert StreamingDecoder(vae, fast=True).decoder is FastWanDecoder.of(vae)  # made once per VAE
+
+
+def test_fast_decoder_keeps_the_vae_state_dict():
+    vae = build_vae({"base_dim": 8, "z_dim": 16}, seed=0)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    FastWanDecoder.of(vae)
+    after = vae.state_dict()
+    assert after.keys() == before.keys()  # no new keys: the fast decoder is not registered as a submodule
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_pipeline_decodes_with_the_fast_decoder_when_asked():
+    from engine.types import GenerationParams
+    import numpy as np
+
+    pipe = VideoPipeline.from_pretrained("tiny-causal", device="cpu")
+    params = pipe.resolve(GenerationParams(prompt="a red circle moving left", frames=17, seed=3))
+    reference = np.concatenate([c.frames for c in pipe.generate(params)])
+    pipe.fast_vae = True
+    got = np.concatenate([c.frames for c in pipe.generate(params)])
+    assert got.shape == reference.shape
+    assert np.abs(got.astype(int) - reference.astype(int)).max() <= 1
+    assert hasattr(pipe.vae, "_fast_decoder")  # it ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled bf16 decoder")
+def test_compiled_bf16_fast_decoder_matches_diffusers_on_cuda():
+    vae32 = build_vae({"base_dim": 32, "z_dim": 16}, seed=0).cuda()
+    vae = build_vae({"base_dim": 32, "z_dim": 16}, seed=0).cuda().to(torch.bfloat16)
+    z = torch.randn(1, 16, 9, 16, 24, generator=torch.Generator().manual_seed(0)).cuda()
+    bounds = ((0, 1), (1, 5), (5, 9))
+    ref32 = blockwise(vae32, z, bounds, fast=False)
+    ref = blockwise(vae, z, bounds, fast=False)
+    fast = blockwise(vae, z, bounds, fast=True)
+    err = lambda a: ((a.float() - ref32).norm() / ref32.norm()).item()  # noqa: E731
+    assert err(fast) < max(2 * err(ref), 1e-2)
