@@ -1,6 +1,7 @@
 """Streaming run: the block-causal (LongLive) model at 480p through the real pipeline (VideoPipeline.generate in
 stream mode): blocks of 10 latent frames, 4 denoising steps + 1 commit forward each, Wan VAE decode of every
-block with its cache kept, frames copied to the host as the server would.
+block with its cache kept (on a side CUDA stream, overlapping the next block's denoising), frames copied to the host
+as the server would. Side by side in the same run: the decode in line, and diffusers' decoder in line.
 
 Reports generated frames/s (whole run and steady state), time to the first frames (text encoding included), per-block
 latency p50/p99 split into transformer and the rest (VAE decode, host copy), and GPU memory after every block
@@ -56,73 +57,6 @@ def stream_once(pipe, blocks: int, block_latent: int, budget: Budget | None, res
     return summarize_blocks(rows, blocks, stopped_early, pipe.last_state_bytes)
 
 
-@torch.inference_mode()  # as the pipeline's own stream: no autograd tracing of the custom kernels under compile
-def stream_overlapped(pipe, blocks: int, block_latent: int, budget: Budget | None, reserve_s: float = 0.0) -> dict:
-    """The stream of ``VideoPipeline._generate_stream`` (same schedule, commit and decode), restructured so block b's
-    VAE decode and host copy run on a second CUDA stream while block b+1 is denoised; noise is drawn on the GPU.
-
-    An experiment for the pipeline: the transformer alone leaves the GPU idle during decoding and the reverse.
-    """
-    from engine.pipeline import shifted_sigma
-    from engine.state import BlockState
-    from engine.types import GenerationParams
-    from engine.vae import StreamingDecoder, to_uint8_frames
-
-    params = pipe.resolve(GenerationParams(prompt=PROMPT, frames=(blocks * block_latent - 1) * 4 + 1, seed=0))
-    timer = pipe.transformer
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    gen = torch.Generator(device=pipe.device).manual_seed(0)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t_start = t_prev = now()
-    emb, mask = pipe._encode_prompt(params, cfg=False)
-    shape = pipe._latent_shape(params, block_latent)
-    state = BlockState.for_model(pipe.transformer, 1, shape[3], shape[4])
-    decoder = StreamingDecoder(pipe.vae, fast=pipe.fast_vae)
-    sigmas = [shifted_sigma(t, pipe.preset.stream_shift) for t in pipe.stream_timesteps(params.steps)]
-    rows, pending, stopped_early = [], None, False
-
-    def collect(item):
-        nonlocal t_prev
-        index, pixels, n_forwards = item
-        with torch.cuda.stream(side):
-            frames = to_uint8_frames(pixels)  # waits for this block's decode only, not for the denoising
-        t = now()
-        dit = timer.take() if isinstance(timer, TimedModule) else []
-        rows.append({"block": index, "frames": int(frames.shape[0]), "t_s": round(t - t_start, 4),
-                     "latency_s": round(t - t_prev, 4), "transformer_s": round(sum(dit), 4), "forwards": len(dit),
-                     "allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 4),
-                     "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 4),
-                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 4)})
-        torch.cuda.reset_peak_memory_stats()
-        t_prev = t
-
-    for b in range(blocks):
-        x = torch.randn(shape, generator=gen, device=pipe.device)
-        x0 = x
-        for i, sigma in enumerate(sigmas):
-            v = pipe._velocity(x, sigma * 1000.0, emb, mask, 1.0, False, state=state)
-            x0 = x - sigma * v
-            if i + 1 < len(sigmas):
-                x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * torch.randn(shape, generator=gen, device=pipe.device)
-        pipe._velocity(x0, 0.0, emb, mask, 1.0, False, state=state, commit=True)
-        latents = x0.to(pipe.dtype)
-        if pending is not None:
-            collect(pending)  # block b-1's frames: decoded while block b was denoised
-            if budget is not None and not budget.allows(reserve_s + 2 * rows[-1]["latency_s"]):
-                stopped_early = True
-                pending = None
-                break
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            latents.record_stream(side)
-            pending = (b, decoder.decode_block(latents), len(sigmas) + 1)
-    if pending is not None:
-        collect(pending)
-    torch.cuda.synchronize()
-    return summarize_blocks(rows, blocks, stopped_early, state.nbytes())
-
-
 def summarize_blocks(rows: list[dict], blocks_requested: int, stopped_early: bool, state_bytes: int) -> dict:
     out = {"blocks_requested": blocks_requested, "blocks_done": len(rows), "stopped_early": stopped_early,
            "state_mib": round(state_bytes / 2**20, 2), "blocks": rows}
@@ -156,7 +90,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=20)
     p.add_argument("--reference-blocks", type=int, default=3, help="blocks of the unoptimized model (0: skip)")
-    p.add_argument("--overlap-blocks", type=int, default=8, help="blocks of the overlapped-decode run (0: skip)")
+    p.add_argument("--sequential-blocks", type=int, default=8,
+                   help="blocks of the same stream with the decode in line instead of overlapped (0: skip)")
     p.add_argument("--diffusers-vae-blocks", type=int, default=6,
                    help="blocks of the fast transformer with diffusers' VAE decoder, for comparison (0: skip)")
     p.add_argument("--fp8", action="store_true", help="also stream with the FP8 transformer")
@@ -196,36 +131,29 @@ def main(argv=None) -> int:
     print(f"== streaming: {blocks} blocks of {block_latent} latent frames, budget {budget.left():.0f}s", flush=True)
     reference = pipe.transformer
 
-    def fast_case(fp8: bool, fast_vae: bool = True, n_blocks: int = blocks):
+    def fast_case(fp8: bool, fast_vae: bool = True, n_blocks: int = blocks, overlap: bool = True):
         def run():
             model = optimize(_clone(reference), fp8=fp8, compile=True, compile_backend=backend)
             pipe.transformer = TimedModule(model)
-            pipe.fast_vae = fast_vae
+            pipe.fast_vae, pipe.overlap_decode = fast_vae, overlap
             t0 = now()
             stream_once(pipe, 2, block_latent, None)  # compile + cudnn algorithm search, outside the numbers
             warm = now() - t0
             row = stream_once(pipe, n_blocks, block_latent, budget, reserve_s=5)
             row["warmup_s"] = round(warm, 2)
             row["vae"] = "engine.vae.FastWanDecoder" if fast_vae else "diffusers AutoencoderKLWan.decoder"
-            pipe.transformer, pipe.fast_vae = reference, False
+            row["decode"] = "side CUDA stream, overlapping the next block" if overlap and not smoke else "in line"
+            pipe.transformer, pipe.fast_vae, pipe.overlap_decode = reference, False, True
             return row
         return run
 
     run_case(results, "fast_bf16", fast_case(False), budget, needs_s=40)
+    if not smoke and args.sequential_blocks:
+        run_case(results, "fast_bf16_sequential_decode", fast_case(False, True, args.sequential_blocks, False), budget,
+                 needs_s=25, note="the same stream with every decode in line (the pipeline's overlap_decode=False)")
     if not smoke and args.diffusers_vae_blocks:
-        run_case(results, "fast_bf16_diffusers_vae", fast_case(False, False, args.diffusers_vae_blocks), budget,
-                 needs_s=25, note="the same stream decoded by diffusers' Wan decoder (the reference)")
-    if not smoke and args.overlap_blocks:  # two CUDA streams
-        def overlapped():
-            model = optimize(_clone(reference), compile=True, compile_backend=backend)  # compiled graphs cached
-            pipe.transformer = TimedModule(model)
-            pipe.fast_vae = True
-            stream_overlapped(pipe, 1, block_latent, None)
-            row = stream_overlapped(pipe, args.overlap_blocks, block_latent, budget, reserve_s=5)
-            pipe.transformer, pipe.fast_vae = reference, False
-            return row
-        run_case(results, "fast_bf16_overlapped_decode", overlapped, budget, needs_s=25,
-                 note="experiment: decode of block b on a second CUDA stream during block b+1 (pipeline change)")
+        run_case(results, "fast_bf16_diffusers_vae", fast_case(False, False, args.diffusers_vae_blocks, False),
+                 budget, needs_s=25, note="decoded in line by diffusers' Wan decoder (the reference)")
     if args.fp8:
         run_case(results, "fast_fp8", fast_case(True), budget, needs_s=40)
     if args.reference_blocks:

@@ -98,6 +98,8 @@ class VideoPipeline:
         self.patch = transformer.config.patch_size
         # Decode with engine.vae.FastWanDecoder (set by engine.fast.apply_fast_path); else diffusers' decoder.
         self.fast_vae = False
+        # Streams on CUDA: decode block b on a side CUDA stream while block b+1 is denoised.
+        self.overlap_decode = True
 
     @property
     def causal(self) -> bool:
@@ -386,7 +388,25 @@ class VideoPipeline:
         timesteps = self.stream_timesteps(params.steps)
         sigmas = [shifted_sigma(t, self.preset.stream_shift) for t in timesteps]
         steps_total = len(timesteps) + 1
+        # On CUDA a block's VAE decode runs on a side stream while the next block is denoised, and its frames are
+        # handed out once that block is committed; the first block's frames are handed out as soon as decoded.
+        side = torch.cuda.Stream(self.device) if self.overlap_decode and self.device.type == "cuda" else None
+        pending = None  # (block index, pixels being decoded on the side stream)
         frames_done = 0
+
+        def deliver(index, pixels, block_done):
+            nonlocal frames_done
+            if side is not None:
+                with torch.cuda.stream(side):  # waits for this decode only, not for the denoising
+                    frames = to_uint8_frames(pixels)
+            else:
+                frames = to_uint8_frames(pixels)
+            chunk = VideoChunk(index=index, start_frame=frames_done, frames=frames)
+            frames_done += chunk.num_frames
+            if on_progress is not None:
+                on_progress(Progress(block_done, len(blocks), steps_total, steps_total, frames_done, params.frames))
+            return chunk
+
         for b, n in enumerate(blocks):
             block_shape = self._latent_shape(params, n)
             x = self._noise(gen, block_shape)
@@ -404,12 +424,23 @@ class VideoPipeline:
                 raise GenerationCancelled("cancelled")
             # Commit: the clean block at t=0 adds its contribution to the running sums.
             self._velocity(x0, 0.0, emb, mask, params.guidance_scale, cfg, state=state, commit=True)
-            pixels = decoder.decode_block(x0.to(self.dtype))
-            chunk = VideoChunk(index=b, start_frame=frames_done, frames=to_uint8_frames(pixels))
-            frames_done += chunk.num_frames
-            if on_progress is not None:
-                on_progress(Progress(b + 1, len(blocks), steps_total, steps_total, frames_done, params.frames))
-            yield chunk
+            latents = x0.to(self.dtype)
+            if pending is not None:
+                yield deliver(*pending, block_done=b + 1)
+                pending = None
+            if side is None:
+                yield deliver(b, decoder.decode_block(latents), block_done=b + 1)
+                continue
+            # Every decode runs on the side stream, so the decoder's cache is only ever used there.
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                latents.record_stream(side)  # made on the main stream, read on the side one
+                pending = (b, decoder.decode_block(latents))
+            if b == 0:  # the first frames at once
+                yield deliver(*pending, block_done=1)
+                pending = None
+        if pending is not None:
+            yield deliver(*pending, block_done=len(blocks))
 
 
 def _component_class(folder: Path, component: str) -> str | None:
