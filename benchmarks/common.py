@@ -350,16 +350,19 @@ class TimedModule:
         self._events.append((start, end))
         return out
 
-    def take(self) -> list[float]:
-        """Seconds of every call since the last take (synchronizes)."""
-        out = []
+    def take(self, wait: bool = True) -> list[float]:
+        """Seconds of every call since the last take (``wait``: synchronizes; else only the calls that finished,
+        the rest stay for the next take, so a caller that streams does not hold the GPU queue back)."""
+        out, left = [], []
         for e in self._events:
             if isinstance(e, float):
                 out.append(e)
+            elif left or not (wait or e[1].query()):
+                left.append(e)
             else:
                 e[1].synchronize()
                 out.append(e[0].elapsed_time(e[1]) / 1000.0)
-        self._events = []
+        self._events = left
         return out
 
 

@@ -33,7 +33,7 @@ from engine.presets import PRESETS, ModelPreset, get_preset
 from engine.state import BlockState
 from engine.text import TextEncoder, build_text_encoder, build_word_tokenizer
 from engine.types import GenerationParams, Progress, VideoChunk
-from engine.vae import StreamingDecoder, build_vae, to_uint8_frames
+from engine.vae import StreamingDecoder, build_vae, to_uint8, to_uint8_frames
 
 PRESET_FILE = "sana_video.json"  # our sampling defaults stored beside a checkpoint (optional)
 TEMPORAL_FACTOR, SPATIAL_FACTOR = 4, 8
@@ -98,7 +98,7 @@ class VideoPipeline:
         self.patch = transformer.config.patch_size
         # Decode with engine.vae.FastWanDecoder (set by engine.fast.apply_fast_path); else diffusers' decoder.
         self.fast_vae = False
-        # Streams on CUDA: decode block b on a side CUDA stream while block b+1 is denoised.
+        # Streams on CUDA: decode each block on a side CUDA stream while the next one is denoised (DecodeQueue).
         self.overlap_decode = True
 
     @property
@@ -385,27 +385,29 @@ class VideoPipeline:
         state = BlockState.for_model(self.transformer, 2 if cfg else 1, shape[3], shape[4])
         self.last_state_bytes = state.nbytes()
         decoder = StreamingDecoder(self.vae, fast=self.fast_vae)
+        # On CUDA every block's VAE decode and host copy run on a side stream (``DecodeQueue``) while the next block
+        # is denoised; its frames are handed out at the first step boundary after they arrive. The first block's
+        # frames are waited for: they are the stream's time to first frames.
+        decodes = DecodeQueue(decoder, self.device) if self.overlap_decode and self.device.type == "cuda" else None
         timesteps = self.stream_timesteps(params.steps)
         sigmas = [shifted_sigma(t, self.preset.stream_shift) for t in timesteps]
         steps_total = len(timesteps) + 1
-        # On CUDA a block's VAE decode runs on a side stream while the next block is denoised, and its frames are
-        # handed out once that block is committed; the first block's frames are handed out as soon as decoded.
-        side = torch.cuda.Stream(self.device) if self.overlap_decode and self.device.type == "cuda" else None
-        pending = None  # (block index, pixels being decoded on the side stream)
         frames_done = 0
+        where = (1, 0)  # (block, step) reached: the progress a late chunk reports, so the fraction never goes back
 
-        def deliver(index, pixels, block_done):
+        def chunk_of(index, frames):
             nonlocal frames_done
-            if side is not None:
-                with torch.cuda.stream(side):  # waits for this decode only, not for the denoising
-                    frames = to_uint8_frames(pixels)
-            else:
-                frames = to_uint8_frames(pixels)
             chunk = VideoChunk(index=index, start_frame=frames_done, frames=frames)
             frames_done += chunk.num_frames
             if on_progress is not None:
-                on_progress(Progress(block_done, len(blocks), steps_total, steps_total, frames_done, params.frames))
+                on_progress(Progress(where[0], len(blocks), where[1], steps_total, frames_done, params.frames))
             return chunk
+
+        def arrived(keep: int = 1 << 30):
+            """The decoded blocks that have arrived, in order; waits for the oldest while more than ``keep`` are
+            queued."""
+            while decodes and (len(decodes) > keep or decodes.ready()):
+                yield chunk_of(*decodes.pop())
 
         for b, n in enumerate(blocks):
             block_shape = self._latent_shape(params, n)
@@ -418,29 +420,56 @@ class VideoPipeline:
                 x0 = x - sigma * v
                 if i + 1 < len(sigmas):
                     x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(gen, block_shape)
+                where = (b + 1, i + 1)
                 if on_progress is not None:
                     on_progress(Progress(b + 1, len(blocks), i + 1, steps_total, frames_done, params.frames))
+                yield from arrived()
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled("cancelled")
             # Commit: the clean block at t=0 adds its contribution to the running sums.
             self._velocity(x0, 0.0, emb, mask, params.guidance_scale, cfg, state=state, commit=True)
+            where = (b + 1, steps_total)
             latents = x0.to(self.dtype)
-            if pending is not None:
-                yield deliver(*pending, block_done=b + 1)
-                pending = None
-            if side is None:
-                yield deliver(b, decoder.decode_block(latents), block_done=b + 1)
+            if decodes is None:
+                yield chunk_of(b, to_uint8_frames(decoder.decode_block(latents)))
                 continue
-            # Every decode runs on the side stream, so the decoder's cache is only ever used there.
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                latents.record_stream(side)  # made on the main stream, read on the side one
-                pending = (b, decoder.decode_block(latents))
-            if b == 0:  # the first frames at once
-                yield deliver(*pending, block_done=1)
-                pending = None
-        if pending is not None:
-            yield deliver(*pending, block_done=len(blocks))
+            decodes.push(b, latents)
+            # The first block's frames at once; later, at most two decodes queued (host memory and latency bounded).
+            yield from arrived(keep=0 if b == 0 else 2)
+        yield from arrived(keep=0)
+
+
+class DecodeQueue:
+    """Block decodes on a side CUDA stream: ``push`` queues a block's decode and the copy of its uint8 frames to
+    pinned host memory behind the main stream's work so far, without waiting; ``ready``/``pop`` hand them out in
+    order. The decoder (and its cache) is only ever used on the side stream."""
+
+    def __init__(self, decoder: StreamingDecoder, device: torch.device):
+        self.decoder = decoder
+        self.stream = torch.cuda.Stream(device)
+        self.items: list = []  # (index, pinned uint8 frames [F, H, W, 3], event recorded after the copy)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def push(self, index: int, latents: torch.Tensor) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(latents.device))
+        with torch.cuda.stream(self.stream):
+            latents.record_stream(self.stream)  # made on the main stream, read on this one
+            frames = to_uint8(self.decoder.decode_block(latents))
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.items.append((index, host, done))
+
+    def ready(self) -> bool:
+        return bool(self.items) and self.items[0][2].query()
+
+    def pop(self) -> tuple[int, object]:
+        index, host, done = self.items.pop(0)
+        done.synchronize()
+        return index, host.numpy()  # the array keeps the pinned buffer alive
 
 
 def _component_class(folder: Path, component: str) -> str | None:

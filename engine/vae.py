@@ -221,7 +221,12 @@ def encode_video(vae, video: torch.Tensor, sample: bool = False, generator=None)
     return (z - mean) / std
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[B=1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] on the same device."""
+    x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0)
+
+
 def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     """[B=1, 3, F, H, W] in [-1, 1] -> uint8 numpy [F, H, W, 3]."""
-    x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
+    return to_uint8(pixels).cpu().numpy()

@@ -64,3 +64,16 @@ def test_a_stuck_warm_up_exits_the_worker_instead_of_never_registering(services)
     r = services.redis.client()
     assert not any(w.get("pid") == proc.pid for w in live_workers(r))
     r.close()
+
+
+@pytest.mark.parametrize("preset, videos, frames", [
+    ("tiny-causal", 1, 9 + 12),  # default blocks [3, 3, 3]: the first block is a regular one already
+    ("demo-causal", 2, 17 + 16 + 13),  # default blocks [5, 4, ...]: then also a stream whose first block is 4
+])
+def test_stream_warm_up_covers_both_first_block_lengths(preset, videos, frames):
+    from engine.pipeline import VideoPipeline
+    from workers.tasks import warm_up
+
+    pipe = VideoPipeline.from_pretrained(preset, device="cpu")
+    ran = warm_up(pipe)
+    assert (ran["mode"], ran["videos"], ran["frames"]) == ("stream", videos, frames)

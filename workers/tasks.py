@@ -77,22 +77,28 @@ def warm_up(pipe) -> dict[str, Any]:
     """Make one short video with the model's default size and guidance, so the first job of that size does not
     pay the start-up of compiled code. A clip takes one step at the default frame count; a stream two blocks (the
     first, which absorbs the remainder, and a regular one, each with its commit pass) of one step, the block shapes
-    of a default stream. Returns what it ran, with its seconds."""
+    of a default stream, then, where the default's first block is longer than a regular one, a stream of one
+    regular block (the first block of a length that divides evenly). Returns what it ran, with its seconds."""
     from engine.pipeline import frames_of_blocks, latent_frames, stream_blocks
 
-    params = pipe.resolve(GenerationParams(prompt="warm-up"))
+    params = dataclasses.replace(pipe.resolve(GenerationParams(prompt="warm-up")), steps=1)
+    runs = [params]
     if params.mode == "stream":
-        blocks = stream_blocks(latent_frames(params.frames), pipe.preset.block_latent_frames)[:2]
-        params = dataclasses.replace(params, frames=sum(frames_of_blocks(blocks)))
-    params = dataclasses.replace(params, steps=1)
+        k = pipe.preset.block_latent_frames
+        blocks = stream_blocks(latent_frames(params.frames), k)[:2]
+        runs = [dataclasses.replace(params, frames=sum(frames_of_blocks(blocks)))]
+        if blocks[0] != k:
+            runs.append(dataclasses.replace(params, frames=sum(frames_of_blocks([k]))))
     t0 = time.monotonic()
+    frames = 0
     try:
-        frames = sum(chunk.num_frames for chunk in pipe.generate(params))
+        for run in runs:
+            frames += sum(chunk.num_frames for chunk in pipe.generate(run))
     finally:
         free_memory(str(pipe.device))
     seconds = time.monotonic() - t0
     return {"mode": params.mode, "width": params.width, "height": params.height, "frames": frames,
-            "seconds": round(seconds, 2)}
+            "videos": len(runs), "seconds": round(seconds, 2)}
 
 
 def current_engine() -> Engine:

@@ -161,8 +161,8 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
         try:
             ran = tasks.warm_up(pipe)
             warmup_s = ran["seconds"]
-            log.info("warm-up done in %.1fs (%s %dx%d, %d frames)", warmup_s, ran["mode"], ran["width"],
-                     ran["height"], ran["frames"])
+            log.info("warm-up done in %.1fs (%s %dx%d, %d frames in %d videos)", warmup_s, ran["mode"], ran["width"],
+                     ran["height"], ran["frames"], ran["videos"])
         except Exception:  # the worker still serves; its first job then pays the start-up itself
             log.exception("warm-up failed")
         finally:
