@@ -24,15 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
     ("kernels", "benchmarks.kernels", [], 45, 20),
     ("transformer_480p", "benchmarks.transformer", ["--resolution", "480p"], 250, 60),
-    ("streaming", "benchmarks.streaming", ["--blocks", "20"], 110, 50),
+    ("streaming", "benchmarks.streaming", ["--blocks", "20"], 130, 50),
+    ("vae", "benchmarks.vae", [], 90, 40),
     ("transformer_720p", "benchmarks.transformer", ["--resolution", "720p"], 110, 60),
     ("e2e", "benchmarks.e2e", [], 90, 45),
     ("gpu_tests", "pytest", ["-q", "-m", "gpu", "--noconftest", "-p", "no:cacheprovider",
                              "tests/test_kernels_linear_attention.py", "tests/test_kernels_mixffn.py",
-                             "tests/test_kernels_fp8.py", "tests/test_fast_block.py"], 60, 30),
+                             "tests/test_kernels_fp8.py", "tests/test_fast_block.py", "tests/test_vae_fast.py"], 300, 30),
 ]
 RESULT_FILES = {"kernels": "kernels_480p.json", "transformer_480p": "transformer_480p.json",
-                "streaming": "streaming_480p.json", "transformer_720p": "transformer_720p.json", "e2e": "e2e_480p.json"}
+                "streaming": "streaming_480p.json", "vae": "vae_480p.json", "transformer_720p": "transformer_720p.json", "e2e": "e2e_480p.json"}
 GRACE_S = 45
 
 
@@ -98,7 +99,7 @@ def report(out: Path, smoke: bool = False) -> dict:
             rows[stage] = doc.get("summary", {}).get("targets", {})
             rows[stage + "_cases"] = {c["name"]: {k: c.get(k) for k in (
                 "status", "s_per_step", "speedup_vs_diffusers_compiled", "rel_err_vs_fp32_reference",
-                "rel_err_vs_ours_fast_compiled", "fps", "first_frames_s", "clip_s", "error") if c.get(k) is not None}
+                "rel_err_vs_ours_fast_compiled", "fps", "first_frames_s", "clip_s", "s_per_block", "error") if c.get(k) is not None}
                 for c in doc.get("cases", [])}
     print("\n==================== targets ====================")
     if smoke:

@@ -2,7 +2,7 @@
 ``workers.tasks.warm_up`` timed, then the first real request timed, against the same request on a pipeline that
 was not warmed (its first request pays compilation and the cuDNN algorithm search).
 
-    OUT=. python benchmarks/results/h100-2026-11-27/warmup_probe.py
+    OUT=. python benchmarks/results/h100-2026-11-27/warmup_probe.py [clip,stream]
 """
 import json
 import os
@@ -36,7 +36,8 @@ def first_request(pipe, causal):
             "steps": params.steps, "mode": params.mode}
 
 
-for causal in (False, True):
+modes = (sys.argv[1] if len(sys.argv) > 1 else "clip,stream").split(",")
+for causal in [m == "stream" for m in modes]:
     name = "stream" if causal else "clip"
     for warmed in (True, False):
         torch._dynamo.reset()  # every case compiles from scratch (the on-disk caches stay: as a restarted worker)
@@ -48,6 +49,7 @@ for causal in (False, True):
         row["first_request"] = first_request(pipe, causal)
         row["second_request"] = first_request(pipe, causal)
         out["cases"][f"{name}_{'warmed' if warmed else 'cold'}"] = row
+        out.setdefault("argv", sys.argv)
         print(name, "warmed" if warmed else "cold", row, flush=True)
         del pipe
         torch.cuda.empty_cache()
