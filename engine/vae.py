@@ -129,12 +129,22 @@ class FastWanDecoder(torch.nn.Module):
         return fast
 
     def to_channels_last(self) -> None:
+        """Channels-last copies of the conv weights, kept here: the VAE's own parameters stay as they are (a
+        diffusers save needs them contiguous). The decoder's conv weights once more in memory (140 MiB for Wan 2.1 in
+        bf16)."""
+        self.weights = {}
         for m in self.d.modules():
             if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
                 fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
-                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+                self.weights[m] = m.weight.detach().contiguous(memory_format=fmt)
 
     # Tensors below are channels-last views [B, T, H, W, C] unless named otherwise.
+
+    def _conv3d(self, conv, x):
+        """A WanCausalConv3d whose causal time padding is already in ``x``; spatial padding inside the conv."""
+        y = F.conv3d(x.permute(0, 4, 1, 2, 3), self.weights[conv], conv.bias, conv.stride,
+                     (0, conv._padding[2], conv._padding[0]))
+        return y.permute(0, 2, 3, 4, 1)
 
     def _cached_conv(self, conv, x, cache, idx, norm=None):
         prev = cache[idx[0]]
@@ -142,10 +152,10 @@ class FastWanDecoder(torch.nn.Module):
         gamma, scale = (None, 1.0) if norm is None else (norm.gamma.reshape(-1), norm.scale)
         seq, cache[idx[0]] = self.conv_input(x, gamma, scale, prev, pt)
         idx[0] += 1
-        return _conv3d(conv, seq)
+        return self._conv3d(conv, seq)
 
     def _resnet(self, block, x, cache, idx):
-        h = x if isinstance(block.conv_shortcut, torch.nn.Identity) else _conv3d(block.conv_shortcut, x)
+        h = x if isinstance(block.conv_shortcut, torch.nn.Identity) else self._conv3d(block.conv_shortcut, x)
         x = self._cached_conv(block.conv1, x, cache, idx, block.norm1)
         x = self._cached_conv(block.conv2, x, cache, idx, block.norm2)
         return x + h
@@ -166,7 +176,7 @@ class FastWanDecoder(torch.nn.Module):
                 pad = rs.time_conv._padding[4] - (seq.shape[1] - t)
                 if pad > 0:
                     seq = torch.cat([seq.new_zeros((b, pad, h, w, c)), seq], 1)
-                y = _conv3d(rs.time_conv, seq)  # [B, t, h, w, 2c]: two frames per input frame
+                y = self._conv3d(rs.time_conv, seq)  # [B, t, h, w, 2c]: two frames per input frame
                 x = y.reshape(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
                 cache[i] = keep
             idx[0] += 1
@@ -176,7 +186,7 @@ class FastWanDecoder(torch.nn.Module):
         x2 = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # NCHW view of channels-last frames
         x2 = F.interpolate(x2, scale_factor=2.0, mode="nearest-exact")
         conv = rs.resample[1]
-        x2 = F.conv2d(x2, conv.weight, conv.bias, 1, conv.padding)
+        x2 = F.conv2d(x2, self.weights[conv], conv.bias, 1, conv.padding)
         return x2.permute(0, 2, 3, 1).reshape(b, t, 2 * h, 2 * w, -1)
 
     def forward(self, x, feat_cache, feat_idx, first_chunk=False):
@@ -195,12 +205,6 @@ class FastWanDecoder(torch.nn.Module):
                 x = self._upsample(up.upsamplers[0], x, feat_cache, feat_idx)
         x = self._cached_conv(d.conv_out, x, feat_cache, feat_idx, d.norm_out)
         return x.permute(0, 4, 1, 2, 3)
-
-
-def _conv3d(conv, x):
-    """A WanCausalConv3d on channels-last [B, T, H, W, C] whose causal time padding is already in ``x``."""
-    y = F.conv3d(x.permute(0, 4, 1, 2, 3), conv.weight, conv.bias, conv.stride, (0, conv._padding[2], conv._padding[0]))
-    return y.permute(0, 2, 3, 4, 1)
 
 
 @torch.no_grad()
