@@ -469,7 +469,9 @@ class DecodeQueue:
     def pop(self) -> tuple[int, object]:
         index, host, done = self.items.pop(0)
         done.synchronize()
-        return index, host.numpy()  # the array keeps the pinned buffer alive
+        # A copy: a consumer that keeps its chunks must not keep page-locked memory (a minute at 480p is 1.1 GiB);
+        # the pinned buffer goes back to PyTorch's cache for the next block.
+        return index, host.numpy().copy()
 
 
 def _component_class(folder: Path, component: str) -> str | None:
