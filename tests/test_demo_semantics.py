@@ -7,7 +7,7 @@ holds stays flat. (The recorded numbers in benchmarks/results/demo/demo_*eval_cp
 ``python -m training.evaluate``; here one 2 s clip per held-out combination and background, 24 clips, keeps the test
 quick.)
 
-``demo`` meets the bar. ``demo-causal`` does not yet (colour 0.85 on 48 clips, 56 of 60 stream blocks; see
+``demo`` meets the bar. ``demo-causal`` does not yet (colour 0.875 on 48 clips, 59 of 60 stream blocks; see
 benchmarks/results/demo/README.md): those checks are strict xfails, so they fail the day a model meets them (then
 drop the marks). What the shipped weights reach is pinned below the measured values, well above chance (1/8 for
 colour, 1/5 for motion), so a broken pipeline or model still fails here.
@@ -51,10 +51,10 @@ def failures(result: dict) -> list[str]:
             if (r["measured"]["colour"], r["measured"]["motion"]) != (r["colour"], r["motion"])]
 
 
-# What the shipped weights reach on these 24 clips (CPU, fp32): demo 0.96 / 0.96, demo-causal 0.83 / 0.92. The floors
+# What the shipped weights reach on these 24 clips (CPU, fp32): demo 0.96 / 0.96, demo-causal 0.83 / 0.88. The floors
 # leave two clips of slack for other CPUs' rounding; a model that moves every object one way scores at most 6/24 in
 # motion (three held-out combinations per direction, two backgrounds each), below both motion floors.
-FLOORS = {"demo": (0.875, 0.875), "demo-causal": (0.75, 0.83)}
+FLOORS = {"demo": (0.875, 0.875), "demo-causal": (0.75, 0.79)}
 BELOW_BAR = pytest.mark.xfail(strict=True, raises=AssertionError, reason="demo-causal is below the issue's bar "
                               "(held-out colour >= 0.9; every block of a 60 s stream); see benchmarks/results/demo/README.md")
 
@@ -119,7 +119,7 @@ def test_a_minute_of_stream_keeps_motion_mostly_colour_and_flat_memory(minute_st
     bad = [b for b in report["per_block"] if b["motion"] != case.motion]
     assert len(bad) <= 3, f"{case.prompt}: {len(bad)} blocks move wrong, e.g. {bad[:3]}"  # shipped: 0 of 60
     off = [b for b in report["per_block"] if b["colour"] != case.colour]
-    assert len(off) <= 10, f"{case.prompt}: {len(off)} blocks in another colour, e.g. {off[:3]}"  # shipped: 4 of 60
+    assert len(off) <= 10, f"{case.prompt}: {len(off)} blocks in another colour, e.g. {off[:3]}"  # shipped: 1 of 60
     # Flat memory: one state allocation of the model's size, and nothing more held after 60 blocks than after 5.
     cfg = 2 if pipe.preset.stream_guidance_scale > 1 else 1
     assert report["state_bytes"] == [BlockState.for_model(pipe.transformer, cfg, 8, 8).nbytes()]
