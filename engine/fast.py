@@ -20,6 +20,7 @@ The reference model (engine/model.py) is untouched; tests pin ``FastBlock`` to `
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,7 @@ from engine.kernels import mixffn, triton_available
 from engine.kernels.fp8 import FP8Linear, fp8_supported
 from engine.model import LINEAR_ATTENTION_EPS, RotaryPosEmbed, SanaVideoTransformer, TransformerBlock
 from engine.trt import MIN_CAPABILITY, BackendError, gpu_capability
+from engine.vae import FastWanDecoder
 
 # What apply_fast_path accepts (server/settings.py's FastMode lists the same).
 FAST_MODES = ("auto", "on", "off", "fp8")
@@ -208,14 +210,20 @@ class RopePairs:
     of every other element."""
 
     def __init__(self):
-        self.source = None
+        self.source = None  # weak reference to the table the pairs come from
         self.pairs = None
 
     def __call__(self, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.source is not rope[0]:  # a new forward (the reference keeps the table alive: no id reuse)
-            self.source = rope[0]
+        if self.source is None or self.source() is not rope[0]:  # a new forward
             self.pairs = (rope[0][0, :, 0, 0::2].contiguous(), rope[1][0, :, 0, 1::2].contiguous())
+            # Dropped with the table (at the end of its forward, unless the model caches it): no memory held
+            # between jobs.
+            self.source = weakref.ref(rope[0], self._dropped)
         return self.pairs
+
+    def _dropped(self, ref) -> None:
+        if self.source is ref:
+            self.source = self.pairs = None
 
 
 class FastBlock(nn.Module):
@@ -306,7 +314,7 @@ def apply_fast_path(pipe, mode: str = "auto") -> str:
                 f"{model.device} ({where}) (accepted here: {', '.join(m for m in FAST_MODES if m != 'fp8')})"
             )
     optimize(model, kernels=True, fp8=fp8, compile=compiles)
-    pipe.fast_vae = True  # engine.vae.FastWanDecoder: compiled where the transformer is
+    pipe.fast_vae = FastWanDecoder.supports(pipe.vae)  # compiled where the transformer is; Wan 2.1 layout only
     return "fast-fp8" if fp8 else "fast"
 
 

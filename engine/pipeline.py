@@ -409,34 +409,40 @@ class VideoPipeline:
             while decodes and (len(decodes) > keep or decodes.ready()):
                 yield chunk_of(*decodes.pop())
 
-        for b, n in enumerate(blocks):
-            block_shape = self._latent_shape(params, n)
-            x = self._noise(gen, block_shape)
-            x0 = x
-            for i, sigma in enumerate(sigmas):
+        try:
+            for b, n in enumerate(blocks):
+                block_shape = self._latent_shape(params, n)
+                x = self._noise(gen, block_shape)
+                x0 = x
+                for i, sigma in enumerate(sigmas):
+                    if should_cancel is not None and should_cancel():
+                        raise GenerationCancelled("cancelled")
+                    v = self._velocity(x, sigma * 1000.0, emb, mask, params.guidance_scale, cfg, state=state)
+                    x0 = x - sigma * v
+                    if i + 1 < len(sigmas):
+                        x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(gen, block_shape)
+                    where = (b + 1, i + 1)
+                    if on_progress is not None:
+                        on_progress(Progress(b + 1, len(blocks), i + 1, steps_total, frames_done, params.frames))
+                    yield from arrived()
                 if should_cancel is not None and should_cancel():
                     raise GenerationCancelled("cancelled")
-                v = self._velocity(x, sigma * 1000.0, emb, mask, params.guidance_scale, cfg, state=state)
-                x0 = x - sigma * v
-                if i + 1 < len(sigmas):
-                    x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(gen, block_shape)
-                where = (b + 1, i + 1)
-                if on_progress is not None:
-                    on_progress(Progress(b + 1, len(blocks), i + 1, steps_total, frames_done, params.frames))
-                yield from arrived()
-            if should_cancel is not None and should_cancel():
-                raise GenerationCancelled("cancelled")
-            # Commit: the clean block at t=0 adds its contribution to the running sums.
-            self._velocity(x0, 0.0, emb, mask, params.guidance_scale, cfg, state=state, commit=True)
-            where = (b + 1, steps_total)
-            latents = x0.to(self.dtype)
-            if decodes is None:
-                yield chunk_of(b, to_uint8_frames(decoder.decode_block(latents)))
-                continue
-            decodes.push(b, latents)
-            # The first block's frames at once; later, at most two decodes queued (host memory and latency bounded).
-            yield from arrived(keep=0 if b == 0 else 2)
-        yield from arrived(keep=0)
+                # Commit: the clean block at t=0 adds its contribution to the running sums.
+                self._velocity(x0, 0.0, emb, mask, params.guidance_scale, cfg, state=state, commit=True)
+                where = (b + 1, steps_total)
+                latents = x0.to(self.dtype)
+                if decodes is None:
+                    yield chunk_of(b, to_uint8_frames(decoder.decode_block(latents)))
+                    continue
+                decodes.push(b, latents)
+                # The first block's frames at once; later, at most two decodes queued (host memory and latency bounded).
+                yield from arrived(keep=0 if b == 0 else 2)
+            yield from arrived(keep=0)
+        finally:
+            if decodes is not None:
+                # Closed or cancelled with decodes queued: the main stream waits for them before anything they
+                # read (latents, the decoder's tables) can be freed and reused.
+                torch.cuda.current_stream(self.device).wait_stream(decodes.stream)
 
 
 class DecodeQueue:

@@ -113,30 +113,42 @@ class FastWanDecoder(torch.nn.Module):
         if compile:
             from torch import _dynamo
 
-            # One graph per (resolution, stage, first chunk or not) signature.
-            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            # One graph per signature: about 18 per resolution (6 stage shapes x first, second, later chunk).
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 128)
         self.to_channels_last()
+
+    @staticmethod
+    def supports(vae) -> bool:
+        """Whether ``vae`` has the decoder layout this class runs (Wan 2.1; not Wan 2.2's residual up-blocks)."""
+        return isinstance(vae, AutoencoderKLWan) and not getattr(vae.config, "is_residual", False)
 
     @classmethod
     def of(cls, vae) -> "FastWanDecoder":
-        """The VAE's fast decoder, made once and kept on it."""
+        """The VAE's fast decoder, made once and kept on it (made again if the VAE moved to another device or
+        dtype, or its weights were replaced since)."""
+        if not cls.supports(vae):
+            raise ValueError("FastWanDecoder supports the Wan 2.1 VAE layout (AutoencoderKLWan, is_residual=False)")
         fast = getattr(vae, "_fast_decoder", None)
-        if fast is None:
-            if getattr(vae.config, "is_residual", False):
-                raise ValueError("FastWanDecoder supports the Wan 2.1 VAE layout (is_residual=False)")
+        if fast is None or not fast.current():
             fast = cls(vae.decoder)
             object.__setattr__(vae, "_fast_decoder", fast)  # not a submodule: state dicts stay diffusers'
         return fast
+
+    def current(self) -> bool:
+        """Whether the channels-last copies still match the decoder's weights (same tensors, device and dtype)."""
+        return all(m.weight._version == self.versions[m] and m.weight.device == w.device and m.weight.dtype == w.dtype
+                   and m.weight.data_ptr() == self.sources[m] for m, w in self.weights.items())
 
     def to_channels_last(self) -> None:
         """Channels-last copies of the conv weights, kept here: the VAE's own parameters stay as they are (a
         diffusers save needs them contiguous). The decoder's conv weights once more in memory (140 MiB for Wan 2.1 in
         bf16)."""
-        self.weights = {}
+        self.weights, self.versions, self.sources = {}, {}, {}
         for m in self.d.modules():
             if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d)):
                 fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
-                self.weights[m] = m.weight.detach().contiguous(memory_format=fmt)
+                self.weights[m] = m.weight.detach().clone(memory_format=fmt)
+                self.versions[m], self.sources[m] = m.weight._version, m.weight.data_ptr()
 
     # Tensors below are channels-last views [B, T, H, W, C] unless named otherwise.
 

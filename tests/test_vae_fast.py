@@ -40,6 +40,40 @@ def test_fast_decoder_leaves_the_vae_as_it_was(tmp_path):
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_fast_decoder_follows_the_vae_and_refuses_other_layouts():
+    from diffusers import AutoencoderKLWan
+
+    vae = build_vae({"base_dim": 8, "z_dim": 16}, seed=0)
+    first = FastWanDecoder.of(vae)
+    assert FastWanDecoder.of(vae) is first
+    vae.to(torch.float64)  # moved: its channels-last copies would be stale
+    again = FastWanDecoder.of(vae)
+    assert again is not first and all(w.dtype == torch.float64 for w in again.weights.values())
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(2)  # changed in place
+    assert FastWanDecoder.of(vae) is not again
+
+    wan22 = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=16, is_residual=True, in_channels=12,
+                             out_channels=12, patch_size=2, scale_factor_spatial=16)
+    assert FastWanDecoder.supports(vae) and not FastWanDecoder.supports(wan22)
+    with pytest.raises(ValueError, match="Wan 2.1"):
+        FastWanDecoder.of(wan22)
+
+
+def test_a_stream_closed_early_leaves_the_pipeline_usable():
+    from engine.types import GenerationParams
+    import numpy as np
+
+    pipe = VideoPipeline.from_pretrained("tiny-causal", device="cpu")
+    pipe.fast_vae = True
+    params = pipe.resolve(GenerationParams(prompt="a red circle moving left", frames=49, seed=3))
+    gen = pipe.generate(params)
+    next(gen)
+    gen.close()
+    full = np.concatenate([c.frames for c in pipe.generate(params)])
+    assert full.shape[0] == params.frames
+
+
 def test_pipeline_decodes_with_the_fast_decoder_when_asked():
     from engine.types import GenerationParams
     import numpy as np
@@ -70,11 +104,13 @@ def test_compiled_bf16_fast_decoder_matches_diffusers_on_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the decode overlaps on a side CUDA stream")
-def test_overlapped_stream_decode_makes_the_same_video_in_order():
+@pytest.mark.parametrize("fast_vae", [False, True])
+def test_overlapped_stream_decode_makes_the_same_video_in_order(fast_vae):
     from engine.types import GenerationParams
     import numpy as np
 
     pipe = VideoPipeline.from_pretrained("tiny-causal", device="cuda")
+    pipe.fast_vae = fast_vae
     params = pipe.resolve(GenerationParams(prompt="a red circle moving left", frames=49, seed=3))  # 4 blocks
     runs = {}
     for overlap in (False, True):
@@ -88,3 +124,21 @@ def test_overlapped_stream_decode_makes_the_same_video_in_order():
         runs[overlap] = np.concatenate([c.frames for c in chunks])
     assert runs[True].shape == runs[False].shape == (params.frames, 64, 64, 3)
     assert np.abs(runs[True].astype(int) - runs[False].astype(int)).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: decodes queued on a side CUDA stream")
+def test_a_stream_closed_with_decodes_queued_leaves_the_pipeline_usable():
+    from engine.types import GenerationParams
+    import numpy as np
+
+    pipe = VideoPipeline.from_pretrained("tiny-causal", device="cuda")
+    params = pipe.resolve(GenerationParams(prompt="a red circle moving left", frames=49, seed=3))
+    expected = np.concatenate([c.frames for c in pipe.generate(params)])
+    for _ in range(3):
+        gen = pipe.generate(params)
+        next(gen)
+        next(gen)  # later blocks' decodes may still be queued when the consumer goes away
+        gen.close()
+    again = np.concatenate([c.frames for c in pipe.generate(params)])
+    assert np.array_equal(again, expected)
