@@ -148,6 +148,8 @@ class WorkerInfo(BaseModel):
     fast_requested: str | None = None
     dtype: str | None = None
     warmup_s: float | None = Field(None, description="Seconds its start-up warm-up took (None: it made none).")
+    overlap_decode: bool | None = Field(None, description="Whether its streams decode each block on a second CUDA "
+                                        "stream while the next is denoised (SANA_WORKER_OVERLAP_DECODE; GPU only).")
     host: str | None = None
     busy: bool = False
     job: str | None = None

@@ -149,6 +149,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     log.info("loading %s on %s (precision %s, fast path %s)", model, device, precision, fast)
     engine = tasks.load_engine(model, device, precision, name, engine_path, fast)
     pipe = engine.pipe
+    pipe.overlap_decode = settings.worker_overlap_decode
     log.info("denoiser: %s, %s%s", engine.precision, engine.fast,
              f" ({', '.join(engine.engines)})" if engine.engines else "")
 
@@ -179,6 +180,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
         "fast_requested": fast,
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "warmup_s": warmup_s,
+        "overlap_decode": bool(pipe.overlap_decode),  # SANA_WORKER_OVERLAP_DECODE as applied (streams on CUDA)
         "engines": list(engine.engines),
         "host": socket.gethostname(),
         "pid": os.getpid(),
