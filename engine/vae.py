@@ -80,15 +80,17 @@ def _norm_act(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tenso
     return F.silu(n).to(x.dtype)
 
 
-def _conv_input(x, gamma, scale: float, prev, zeros: int):
-    """The input of a cached causal conv, channels-last [B, T, H, W, C]: ``zeros`` zero frames, the cached frames
-    ``prev``, then ``x`` (normalized and activated first when ``gamma`` is given); and the next cache, the last two
-    frames of ``prev`` + ``x``. One pass where diffusers makes five (norm in fp32, scale, SiLU, cat, pad)."""
+def _conv_input(x, gamma, scale: float, prev, padding: int):
+    """The input of a cached causal conv with ``padding`` causal frames, channels-last [B, T, H, W, C]: the cached
+    frames ``prev`` after as many zero frames as they fall short, then ``x`` (normalized and activated first when
+    ``gamma`` is given); and the next cache, the last two frames of ``prev`` + ``x``. One pass where diffusers makes
+    five (norm in fp32, scale, SiLU, cat, pad)."""
     if gamma is not None:
         x = _norm_act(x, gamma, scale)
     seq = x if prev is None else torch.cat([prev, x], 1)
     keep = seq[:, -2:].clone()
-    if zeros:
+    zeros = padding - (0 if prev is None else prev.shape[1])
+    if zeros > 0:
         seq = torch.cat([seq.new_zeros((seq.shape[0], zeros, *seq.shape[2:])), seq], 1)
     return seq, keep
 
@@ -159,10 +161,8 @@ class FastWanDecoder(torch.nn.Module):
         return y.permute(0, 2, 3, 4, 1)
 
     def _cached_conv(self, conv, x, cache, idx, norm=None):
-        prev = cache[idx[0]]
-        pt = conv._padding[4] - (0 if prev is None else prev.shape[1])
         gamma, scale = (None, 1.0) if norm is None else (norm.gamma.reshape(-1), norm.scale)
-        seq, cache[idx[0]] = self.conv_input(x, gamma, scale, prev, pt)
+        seq, cache[idx[0]] = self.conv_input(x, gamma, scale, cache[idx[0]], conv._padding[4])
         idx[0] += 1
         return self._conv3d(conv, seq)
 
@@ -180,14 +180,11 @@ class FastWanDecoder(torch.nn.Module):
             if state is None:
                 cache[i] = "Rep"  # the first chunk is not upsampled in time
             else:
-                keep = x[:, -2:].clone()
-                if keep.shape[1] < 2:
-                    first = torch.zeros_like(keep) if isinstance(state, str) else state[:, -1:]
-                    keep = torch.cat([first, keep], 1)
-                seq = x if isinstance(state, str) else torch.cat([state, x], 1)
-                pad = rs.time_conv._padding[4] - (seq.shape[1] - t)
-                if pad > 0:
-                    seq = torch.cat([seq.new_zeros((b, pad, h, w, c)), seq], 1)
+                # The cached convs' input and cache rules (run eagerly: two such convs a chunk, at the two lowest
+                # resolutions). After "Rep" diffusers caches a zero frame before a one-frame chunk; keeping the one
+                # frame is the same, since the next call pads the missing frame with zeros.
+                seq, keep = _conv_input(x, None, 1.0, None if isinstance(state, str) else state,
+                                        rs.time_conv._padding[4])
                 y = self._conv3d(rs.time_conv, seq)  # [B, t, h, w, 2c]: two frames per input frame
                 x = y.reshape(b, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
                 cache[i] = keep
