@@ -6,6 +6,7 @@ what it measured. A case that fails (out of memory, compile error) is recorded w
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import copy
@@ -52,6 +53,24 @@ class Budget:
 
     def allows(self, seconds: float) -> bool:
         return self.left() >= seconds
+
+
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser with the options ``benchmarks.run_all`` gives every stage (--out, --budget-s, --deadline,
+    --smoke); the benchmark adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock seconds for this benchmark")
+    p.add_argument("--deadline", type=float, default=None, help="absolute epoch seconds to stop starting cases")
+    p.add_argument("--smoke", action="store_true", help="tiny models on CPU: checks the code path, not speed")
+    return p
+
+
+def stage_setup(args: argparse.Namespace) -> tuple[str, Budget]:
+    """(device, budget) of a benchmark run: the CPU for --smoke, else CUDA (exits with a message without it)."""
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run with --smoke on CPU")
+    return ("cpu" if args.smoke else "cuda"), Budget(seconds=args.budget_s, deadline=args.deadline)
 
 
 def environment(command: list[str] | None = None) -> dict:

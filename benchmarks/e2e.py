@@ -13,7 +13,6 @@ steps, fewer run and the clip time is extrapolated (marked).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Budget, Results, build_pipeline, now, run_case, sync
+from benchmarks.common import Results, build_pipeline, now, run_case, stage_parser, stage_setup, sync
 
 PROMPT = "a red ball bouncing slowly on a wooden table in the sun"
 TARGETS = {"bf16": 20.0, "fp8": 12.0}
@@ -57,25 +56,18 @@ def generate_timed(pipe, params, device) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage_parser(__doc__)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cases", default="bf16,fp8")
     p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--deadline", type=float, default=None)
-    p.add_argument("--smoke", action="store_true", help="tiny preset on CPU: checks the code path, not speed")
     args = p.parse_args(argv)
+    device, budget = stage_setup(args)
 
     from engine.fast import GraphedTransformer, optimize
     from engine.types import GenerationParams
 
     smoke = args.smoke
-    device = "cpu" if smoke else "cuda"
-    if not smoke and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run with --smoke on CPU")
     dtype = torch.float32 if smoke else torch.bfloat16
-    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
     out_dir = Path(args.out)
     if not smoke:
         torch.backends.cudnn.benchmark = True

@@ -10,13 +10,12 @@ and achieved GB/s over the bytes the kernel must move (each input read once, eac
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Budget, Results, rel_err, run_case, time_calls
+from benchmarks.common import Results, rel_err, run_case, stage_parser, stage_setup, time_calls
 
 
 def bench(fn, device, iters=20, warmup=3) -> float:
@@ -24,22 +23,15 @@ def bench(fn, device, iters=20, warmup=3) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--deadline", type=float, default=None)
-    p.add_argument("--smoke", action="store_true")
+    p = stage_parser(__doc__)
     args = p.parse_args(argv)
+    device, budget = stage_setup(args)
 
     from engine.kernels import linear_attention as la
     from engine.kernels import mixffn
     from engine.kernels.fp8 import FP8Linear
 
     smoke = args.smoke
-    device = "cpu" if smoke else "cuda"
-    if not smoke and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run with --smoke on CPU")
-    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
     # One layer of a 480p CFG step: B=2, 21x30x52 tokens, 20 heads x 112, Mix-FFN hidden 5600.
     B, Fr, H, W, heads, d, hidden = (2, 2, 4, 6, 2, 24, 60) if smoke else (2, 21, 30, 52, 20, 112, 5600)
     N, C = Fr * H * W, heads * d

@@ -13,12 +13,22 @@ latency p50/p99 split into transformer and the rest (VAE decode, host copy), and
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import Budget, Results, TimedModule, build_pipeline, free_memory, now, percentile, run_case
+from benchmarks.common import (
+    Budget,
+    Results,
+    TimedModule,
+    build_pipeline,
+    free_memory,
+    now,
+    percentile,
+    run_case,
+    stage_parser,
+    stage_setup,
+)
 
 PROMPT = "a red ball bouncing slowly on a wooden table in the sun, motion score: 30."
 
@@ -95,7 +105,7 @@ def summarize_blocks(rows: list[dict], blocks_requested: int, stopped_early: boo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage_parser(__doc__)
     p.add_argument("--blocks", type=int, default=20)
     p.add_argument("--reference-blocks", type=int, default=3, help="blocks of the unoptimized model (0: skip)")
     p.add_argument("--sequential-blocks", type=int, default=8,
@@ -104,20 +114,13 @@ def main(argv=None) -> int:
                    help="blocks of the fast transformer with diffusers' VAE decoder, for comparison (0: skip)")
     p.add_argument("--fp8", action="store_true", help="also stream with the FP8 transformer")
     p.add_argument("--no-cudnn-benchmark", action="store_true")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--deadline", type=float, default=None)
-    p.add_argument("--smoke", action="store_true", help="tiny preset on CPU: checks the code path, not speed")
     args = p.parse_args(argv)
+    device, budget = stage_setup(args)
 
     from engine.fast import optimize
 
     smoke = args.smoke
-    device = "cpu" if smoke else "cuda"
-    if not smoke and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run with --smoke on CPU")
     dtype = torch.float32 if smoke else torch.bfloat16
-    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
     blocks = 3 if smoke else args.blocks
     if not smoke and not args.no_cudnn_benchmark:
         torch.backends.cudnn.benchmark = True  # the VAE's convs: one algorithm search per shape, in the warm-up

@@ -11,7 +11,6 @@ is checked against it too), and FP8 against bf16.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import torch
 from benchmarks.common import (
     ANCHORS,
     H100_PEAK_TFLOPS,
-    Budget,
     Results,
     build_pair,
     clone_as,
@@ -29,6 +27,8 @@ from benchmarks.common import (
     peak_memory,
     rel_err,
     run_case,
+    stage_parser,
+    stage_setup,
     time_calls,
     transformer_flops,
     transformer_inputs,
@@ -50,23 +50,17 @@ NEEDS_S = {"fp32_reference": 15, "diffusers_fp32": 10, "diffusers_eager": 8, "di
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage_parser(__doc__)
     p.add_argument("--resolution", default="480p", choices=["480p", "720p"])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--budget-s", type=float, default=None, help="wall-clock seconds for this benchmark")
-    p.add_argument("--deadline", type=float, default=None, help="absolute epoch seconds to stop starting cases")
     p.add_argument("--cases", default=None, help="comma-separated subset (default: all for the resolution)")
     p.add_argument("--iters", type=int, default=4, help="timed calls per case (median reported)")
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the code path, not speed")
     args = p.parse_args(argv)
+    device, budget = stage_setup(args)
 
     from engine.fast import GraphedTransformer, optimize
     from engine.presets import TINY_TRANSFORMER, TransformerConfig
 
     smoke = args.smoke
-    device = "cuda" if not smoke else "cpu"
-    if not smoke and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run with --smoke on CPU")
     config = dataclasses.replace(TINY_TRANSFORMER, num_layers=2) if smoke else TransformerConfig()
     frames, lat_h, lat_w = RESOLUTIONS["smoke" if smoke else args.resolution]
     text_len = 12 if smoke else 300
@@ -74,7 +68,6 @@ def main(argv=None) -> int:
     iters, warmup = (1, 1) if smoke else (args.iters, 1)
     backend = "eager" if smoke else "inductor"  # smoke: dynamo tracing without code generation
     cases = args.cases.split(",") if args.cases else DEFAULT_CASES[args.resolution]
-    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
     _, p_h, p_w = config.patch_size
     grid = (frames, lat_h // p_h, lat_w // p_w)
     flops = transformer_flops(config, batch, *grid, text_len)

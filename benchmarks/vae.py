@@ -12,13 +12,12 @@ against the reference (bf16 both; also against an fp32 decode of the same latent
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import Budget, Results, now, peak_memory, rel_err, run_case, sync
+from benchmarks.common import Results, now, peak_memory, rel_err, run_case, stage_parser, stage_setup, sync
 
 
 def decode_stream(vae, latents: torch.Tensor, block: int, fast: bool, device) -> tuple[torch.Tensor, list[float]]:
@@ -38,24 +37,17 @@ def decode_stream(vae, latents: torch.Tensor, block: int, fast: bool, device) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = stage_parser(__doc__)
     p.add_argument("--block-latent", type=int, default=10)
     p.add_argument("--blocks", type=int, default=4, help="blocks decoded (the first warms the cache, untimed)")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--deadline", type=float, default=None)
-    p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
+    device, budget = stage_setup(args)
 
     from engine.vae import build_vae
 
     smoke = args.smoke
-    device = "cpu" if smoke else "cuda"
-    if not smoke and not torch.cuda.is_available():
-        raise SystemExit("CUDA is not available: run with --smoke on CPU")
     if not smoke:
         torch.backends.cudnn.benchmark = True
-    budget = Budget(seconds=args.budget_s, deadline=args.deadline)
     dtype = torch.float32 if smoke else torch.bfloat16
     h, w = (8, 8) if smoke else (60, 104)
     block = 2 if smoke else args.block_latent
