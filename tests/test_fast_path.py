@@ -78,6 +78,7 @@ CUDA = torch.cuda.is_available()
 FP8 = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA: the Triton kernels and torch.compile run on the GPU")
 @pytest.mark.parametrize("preset", ["tiny", "tiny-causal"])
 @pytest.mark.parametrize("mode", ["auto", pytest.param("fp8", marks=pytest.mark.skipif(not FP8, reason="needs FP8"))])
