@@ -32,27 +32,42 @@ LINEAR_ATTENTION_EPS = 1e-15
 
 
 class RotaryPosEmbed(nn.Module):
+    """cos/sin tables of the 3D RoPE. ``max_seq_len`` (the checkpoints' ``rope_max_seq_len``) is the length the
+    tables are first built to; a stream that runs past it grows them: the entry of a position does not depend on the
+    table's length, and the attention sees only differences of positions, so frame 1030 of a long stream gets the
+    rotation it would get from a longer table."""
+
     def __init__(self, attention_head_dim: int, patch_size: Sequence[int], max_seq_len: int, theta: float = 10000.0):
         super().__init__()
         self.patch_size = tuple(patch_size)
         self.h_dim = self.w_dim = 2 * (attention_head_dim // 6)
         self.t_dim = attention_head_dim - self.h_dim - self.w_dim
+        self.theta = theta
+        cos, sin = self._tables(max_seq_len)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+
+    def _tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = [], []
         for dim in (self.t_dim, self.h_dim, self.w_dim):
             c, s = get_1d_rotary_pos_embed(
-                dim, max_seq_len, theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
+                dim, length, self.theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
             )
             cos.append(c)
             sin.append(s)
-        self.register_buffer("freqs_cos", torch.cat(cos, dim=1), persistent=False)
-        self.register_buffer("freqs_sin", torch.cat(sin, dim=1), persistent=False)
+        return torch.cat(cos, dim=1), torch.cat(sin, dim=1)
+
+    def _grow(self, length: int) -> None:
+        """Tables for at least ``length`` positions (doubling: a long stream rebuilds them a few times)."""
+        length = max(length, 2 * self.freqs_cos.shape[0])
+        cos, sin = self._tables(length)
+        self.freqs_cos = cos.to(self.freqs_cos.device, self.freqs_cos.dtype)
+        self.freqs_sin = sin.to(self.freqs_sin.device, self.freqs_sin.dtype)
 
     def forward(self, frames: int, height: int, width: int, frame_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [1, N, 1, d] for post-patch sizes; frames start at ``frame_offset``."""
-        if frame_offset + frames > self.freqs_cos.shape[0]:
-            raise ValueError(
-                f"frame position {frame_offset + frames} exceeds rope_max_seq_len={self.freqs_cos.shape[0]}"
-            )
+        if max(frame_offset + frames, height, width) > self.freqs_cos.shape[0]:
+            self._grow(max(frame_offset + frames, height, width))
         split = [self.t_dim, self.h_dim, self.w_dim]
         out = []
         for table in (self.freqs_cos, self.freqs_sin):

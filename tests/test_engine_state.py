@@ -149,6 +149,28 @@ def test_rope_uses_absolute_frame_positions(model):
     assert not torch.equal(cos0, cos5)
 
 
+@torch.no_grad()
+def test_a_stream_runs_past_the_rope_table_as_with_a_longer_table(model):
+    """Checkpoints set rope_max_seq_len (1024 latent frames, about 4,100 video frames); a longer stream grows the
+    tables, and its blocks are the same as from a model whose tables were that long from the start."""
+    import dataclasses
+
+    short = SanaVideoTransformer(dataclasses.replace(TINY_TRANSFORMER, rope_max_seq_len=6), causal=True).eval()
+    short.load_state_dict(model.state_dict())
+    assert short.rope.freqs_cos.shape[0] == 6 < model.rope.freqs_cos.shape[0]
+    x, text, t, mask = inputs(9)
+    blocks = [3, 3, 3]
+    expected = run_blocks(model, BlockState.for_model(model, batch=2, latent_height=8, latent_width=12),
+                          x, text, t, mask, blocks)
+    got = run_blocks(short, BlockState.for_model(short, batch=2, latent_height=8, latent_width=12),
+                     x, text, t, mask, blocks)
+    assert short.rope.freqs_cos.shape[0] >= 9
+    assert torch.equal(got, expected)
+    long_cos, long_sin = model.rope(9, 8, 12)
+    grown_cos, grown_sin = short.rope(9, 8, 12)
+    assert torch.equal(grown_cos, long_cos) and torch.equal(grown_sin, long_sin)
+
+
 def test_commit_requires_state(model):
     x, text, t, mask = inputs(1)
     with pytest.raises(ValueError, match="commit=True needs a state"):
