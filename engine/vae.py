@@ -95,13 +95,22 @@ def _conv_input(x, gamma, scale: float, prev, padding: int):
     return seq, keep
 
 
+def _upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of channels-last frames [N, H, W, C] -> [N, 2H, 2W, C] as one broadcast copy:
+    the values of ``F.interpolate(..., scale_factor=2, mode="nearest-exact")``, whose channels-last kernel moved
+    about 0.5 TB/s in the decoder's profile (benchmarks/results/long-stream-2026-11-27)."""
+    n, h, w, c = x.shape
+    return x[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
+
+
 class FastWanDecoder(torch.nn.Module):
     """``WanDecoder3d.forward`` (Wan 2.1 layout) restructured for speed; same weights, same ``feat_cache`` list.
 
     - Activations stay channels-last (NDHWC), cuDNN's native layout for bf16 convolutions.
     - Each cached causal conv gets its input from one fused pass: RMS norm + SiLU + the cached frames + the causal
       zero frames (``_conv_input``, compiled on CUDA); the spatial padding happens inside the convolution.
-    - Nearest-neighbour upsampling runs in the activations' dtype (diffusers goes through fp32: same values).
+    - Nearest-neighbour upsampling is one broadcast copy (compiled on CUDA) in the activations' dtype (diffusers goes
+      through fp32 and ``F.interpolate``: the same values).
 
     The diffusers decoder stays the reference (``StreamingDecoder(vae, fast=False)``); tests pin the two together.
     """
@@ -112,6 +121,7 @@ class FastWanDecoder(torch.nn.Module):
         if compile is None:
             compile = next(decoder.parameters()).is_cuda
         self.conv_input = torch.compile(_conv_input, dynamic=False) if compile else _conv_input
+        self.upsample2x = torch.compile(_upsample2x, dynamic=False) if compile else _upsample2x
         if compile:
             from torch import _dynamo
 
@@ -192,8 +202,7 @@ class FastWanDecoder(torch.nn.Module):
         elif rs.mode != "upsample2d":
             raise ValueError(f"FastWanDecoder: unexpected resample mode {rs.mode!r}")
         t = x.shape[1]
-        x2 = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # NCHW view of channels-last frames
-        x2 = F.interpolate(x2, scale_factor=2.0, mode="nearest-exact")
+        x2 = self.upsample2x(x.reshape(b * t, h, w, c)).permute(0, 3, 1, 2)  # NCHW view of channels-last frames
         conv = rs.resample[1]
         x2 = F.conv2d(x2, self.weights[conv], conv.bias, 1, conv.padding)
         return x2.permute(0, 2, 3, 1).reshape(b, t, 2 * h, 2 * w, -1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.pipeline import VideoPipeline
-from engine.vae import FastWanDecoder, StreamingDecoder, build_vae, decode_whole
+from engine.vae import FastWanDecoder, StreamingDecoder, _upsample2x, build_vae, decode_whole
 
 
 def blockwise(vae, z, bounds, fast):
@@ -27,6 +27,17 @@ def test_fast_decoder_equals_diffusers(preset):
     assert (blockwise(vae, other, bounds, fast=True) - whole).abs().mean() > 0.01  # the comparison can fail
     assert isinstance(StreamingDecoder(vae, fast=True).decoder, FastWanDecoder)
     assert StreamingDecoder(vae, fast=True).decoder is FastWanDecoder.of(vae)  # made once per VAE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upsampling_copy_equals_interpolate(dtype):
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0)).to(dtype)  # [N, H, W, C]
+    expected = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2.0, mode="nearest-exact").permute(0, 2, 3, 1)
+    got = _upsample2x(x)
+    assert got.shape == (3, 10, 14, 6) and got.is_contiguous()  # channels-last frames, as the conv reads them
+    assert torch.equal(got, expected)
 
 
 def test_fast_decoder_leaves_the_vae_as_it_was(tmp_path):
