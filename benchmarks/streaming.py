@@ -147,14 +147,16 @@ def main(argv=None) -> int:
             model = optimize(_clone(reference), fp8=fp8, compile=True, compile_backend=backend)
             pipe.transformer = TimedModule(model)
             pipe.fast_vae, pipe.overlap_decode = fast_vae, overlap
-            t0 = now()
-            stream_once(pipe, 2, block_latent, None)  # compile + cudnn algorithm search, outside the numbers
-            warm = now() - t0
-            row = stream_once(pipe, n_blocks, block_latent, budget, reserve_s=5)
+            try:  # a failed case must not leave its model in the pipeline for the next one
+                t0 = now()
+                stream_once(pipe, 2, block_latent, None)  # compile + cudnn algorithm search, outside the numbers
+                warm = now() - t0
+                row = stream_once(pipe, n_blocks, block_latent, budget, reserve_s=5)
+            finally:
+                pipe.transformer, pipe.fast_vae, pipe.overlap_decode = reference, False, True
             row["warmup_s"] = round(warm, 2)
             row["vae"] = "engine.vae.FastWanDecoder" if fast_vae else "diffusers AutoencoderKLWan.decoder"
             row["decode"] = "side CUDA stream, overlapping the next block" if overlap and not smoke else "in line"
-            pipe.transformer, pipe.fast_vae, pipe.overlap_decode = reference, False, True
             return row
         return run
 
@@ -170,9 +172,10 @@ def main(argv=None) -> int:
     if args.reference_blocks:
         def run_reference():
             pipe.transformer = TimedModule(reference)
-            row = stream_once(pipe, args.reference_blocks, block_latent, budget)
-            pipe.transformer = reference
-            return row
+            try:
+                return stream_once(pipe, args.reference_blocks, block_latent, budget)
+            finally:
+                pipe.transformer = reference
         run_case(results, "reference_eager", run_reference, budget, needs_s=12)
     free_memory()
 
