@@ -61,6 +61,8 @@ class RotaryPosEmbed(nn.Module):
         """Tables for at least ``length`` positions (doubling: a long stream rebuilds them a few times)."""
         length = max(length, 2 * self.freqs_cos.shape[0])
         cos, sin = self._tables(length)
+        # The old tables stay allocated: a CUDA graph captured before (GraphedTransformer) replays reads of them.
+        self._retired = getattr(self, "_retired", []) + [self.freqs_cos, self.freqs_sin]
         self.freqs_cos = cos.to(self.freqs_cos.device, self.freqs_cos.dtype)
         self.freqs_sin = sin.to(self.freqs_sin.device, self.freqs_sin.dtype)
 

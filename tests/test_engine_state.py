@@ -171,6 +171,18 @@ def test_a_stream_runs_past_the_rope_table_as_with_a_longer_table(model):
     assert torch.equal(grown_cos, long_cos) and torch.equal(grown_sin, long_sin)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grown_rope_tables_equal_longer_ones_on_every_axis(dtype):
+    from engine.model import RotaryPosEmbed
+
+    short, long = RotaryPosEmbed(24, (1, 2, 2), 4).to(dtype), RotaryPosEmbed(24, (1, 2, 2), 64).to(dtype)
+    for frames, height, width, offset in ((3, 2, 2, 3), (2, 9, 3, 0), (2, 3, 17, 40)):  # past t, then h, then w
+        got = short(frames, height, width, frame_offset=offset)
+        expected = long(frames, height, width, frame_offset=offset)
+        assert got[0].dtype == dtype and torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert short.freqs_cos.shape[0] >= 42 and short.freqs_cos.dtype == dtype
+
+
 def test_commit_requires_state(model):
     x, text, t, mask = inputs(1)
     with pytest.raises(ValueError, match="commit=True needs a state"):
