@@ -119,7 +119,7 @@ for (xs, ws, has_b, stride, padding), count in seen.items():
             y = fn().float()
             err[name] = ((y - ref).norm() / ref.norm()).item()
         times = {name: bench(fn) for name, fn in (("conv3d", conv3d), ("stacked", stacked), ("taps", taps))}
-    flop = 2 * cout * cin * 27 * t * h * w
+    flop = 2 * cout * cin * kt * kh * kw * t * h * w
     row = {"x": xs, "w": ws, "count": count, "tflop": round(flop / 1e12, 3),
            **{f"{k}_ms": round(v * 1e3, 3) for k, v in times.items()},
            **{f"{k}_tflops": round(flop / v / 1e12, 1) for k, v in times.items()},
