@@ -148,7 +148,8 @@ class Viewer:
         table = [e for e in table if e.get("attempt") == self.attempt and lo <= e["index"] < hi]
         if [e["index"] for e in table] != list(range(lo, hi)):
             raise ChunkUnavailable(f"chunks {lo}..{hi - 1} are neither in the stream nor in the chunk table")
-        paths = (partial_path(self.settings.output_dir, self.job_id), video_path(self.settings.output_dir, self.job_id))
+        paths = (partial_path(self.settings.output_dir, self.job_id, self.attempt),
+                 video_path(self.settings.output_dir, self.job_id))
         for event in table:
             data = await asyncio.to_thread(_read_range, paths, event["offset"], event["bytes"])
             await self.send_event(event, data)

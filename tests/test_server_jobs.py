@@ -87,7 +87,7 @@ def test_clip_job_progresses_succeeds_and_downloads(stack, services):
     frames = decode_mp4(video.content)
     assert len(frames) == 33 and frames[0].shape == (48, 64, 3)
     assert video.content == (services.output_dir / f"{job_id}.mp4").read_bytes()
-    assert not (services.output_dir / f"{job_id}.mp4.partial").exists()
+    assert not list(services.output_dir.glob(f"{job_id}*.partial"))
 
     part = client.get(body["video_url"], headers={"Range": "bytes=100-299"})
     assert part.status_code == 206 and part.content == video.content[100:300]
@@ -192,7 +192,7 @@ def test_cancel_queued_and_running_jobs(stack, services):
     job = wait_job(client, long_id)
     assert job["status"] == "cancelled" and "cancelled" in job["error"]["message"]
     assert job["progress"]["step"] < 200
-    assert not (services.output_dir / f"{long_id}.mp4.partial").exists()
+    assert not list(services.output_dir.glob(f"{long_id}*.partial"))
     assert not (services.output_dir / f"{long_id}.mp4").exists()
     video = client.get(f"/jobs/{long_id}/video")
     assert video.status_code == 409 and video.json()["status"] == "cancelled"

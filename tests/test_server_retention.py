@@ -32,7 +32,7 @@ def test_sweep_deletes_only_expired_outputs(services, tmp_path):
 
     ids = [uuid.uuid4().hex for _ in range(5)]
     expired = make(f"{ids[0]}.mp4", ttl + 60)
-    lost_attempt = make(f"{ids[1]}.mp4.partial", ttl + 60)
+    lost_attempt = make(f"{ids[1]}.2.mp4.partial", ttl + 60)
     recorded = make(f"{ids[2]}.mp4", 10 * ttl, record=True)  # its record still exists: kept, whatever its age
     young = make(f"{ids[3]}.mp4", ttl - 60)  # no record (Redis lost its data?) but inside the retention time: kept
     other = make("notes.mp4", 10 * ttl)  # not a job's file

@@ -6,6 +6,7 @@ Three tiny-causal workers heartbeat every 0.5 s, so a dead one is noticed within
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -67,7 +68,7 @@ def test_killed_worker_job_is_requeued_and_finishes_elsewhere(stack, services):
     assert worker_pid(stack, job_id) != first.pid
     video = stack.client.get(f"/jobs/{job_id}/video").content
     assert len(decode_mp4(video)) == 129
-    assert not (services.output_dir / f"{job_id}.mp4.partial").exists()
+    assert not list(services.output_dir.glob(f"{job_id}*.partial"))
 
     # The viewer who watched throughout was told, and got attempt 2 whole after the restart marker.
     viewer.join(120)
@@ -100,9 +101,46 @@ def test_second_death_fails_the_job_with_a_clear_error(stack, services):
     assert job["status"] == "failed", job
     assert job["error"]["type"] == "WorkerLost"
     assert "2 times" in job["error"]["message"] and "not retried" in job["error"]["message"]
-    assert not (services.output_dir / f"{job_id}.mp4.partial").exists()
+    assert not list(services.output_dir.glob(f"{job_id}*.partial"))
     assert not (services.output_dir / f"{job_id}.mp4").exists()
     video = stack.client.get(f"/jobs/{job_id}/video")
     assert video.status_code == 409 and video.json()["status"] == "failed"
     events = read_stream(stack.url, job_id)  # a viewer arriving now learns how it ended
     assert events[-1][0]["type"] == "error" and events[-1][0]["error"]["type"] == "WorkerLost"
+
+
+def test_a_stalled_worker_that_comes_back_leaves_the_job_to_the_next_attempt(stack, services):
+    """A worker that stops heartbeating is taken for lost, but it may only have stalled (paused VM, network cut).
+    When it comes back while the re-queued attempt runs elsewhere, it stops without touching the job's record, chunk
+    table, stream or files: the job finishes whole, from the second attempt alone."""
+    import os
+    import signal
+
+    import redis as redis_lib
+    from workers import jobs
+
+    fresh = [services.worker(MODEL, wait=False) for _ in range(2)]
+    for w in fresh:
+        services.wait_worker(w)
+    stack.workers.extend(fresh)
+    job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": 401, "seed": 13}).json()["id"]
+    first, _ = worker_running(stack, job_id, attempt=1, chunks=2)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second, _ = worker_running(stack, job_id, attempt=2)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)  # back while attempt 2 runs
+    assert second is not first
+
+    job = wait_job(stack.client, job_id, timeout=180)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    r = redis_lib.Redis.from_url(services.redis.url)
+    table = [json.loads(x) for x in r.lrange(jobs.chunks_key(job_id), 0, -1)]
+    r.close()
+    assert [e["attempt"] for e in table] == [2] * len(table)
+    assert [e["index"] for e in table] == list(range(job["progress"]["blocks_total"]))
+    video = stack.client.get(f"/jobs/{job_id}/video").content
+    assert len(decode_mp4(video)) == 401
+    wait_until(lambda: "stopped: attempt 1" in first.log(), 60, what="the stalled attempt to stop")
+    assert not list(services.output_dir.glob(f"{job_id}*.partial"))
+    assert first.alive()  # the stalled worker goes on serving

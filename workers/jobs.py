@@ -97,14 +97,16 @@ def queued_models(r: redis.Redis) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- transitions
 
-# KEYS[1] record; ARGV[1] comma-separated statuses allowed now; ARGV[2] new status; ARGV[3..] field, value...
+# KEYS[1] record; ARGV[1] comma-separated statuses allowed now; ARGV[2] new status; ARGV[3] the attempt that must
+# still be the record's ('' for any); ARGV[4..] field, value...
 # Returns {1, old} when it moved, {0, current} when it did not, nil when the record does not exist.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return nil end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then return {0, cur} end
 for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == cur then
-    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4))
     return {1, cur}
   end
 end
@@ -135,12 +137,44 @@ def _fields(mapping: dict[str, Any]) -> list[Any]:
     return out
 
 
-def transition(r: redis.Redis, job_id: str, allowed: set[str], to: str, **fields: Any) -> tuple[bool, str | None]:
-    """Move the record to ``to`` if its status is one of ``allowed``; returns (moved, status before)."""
-    res = r.eval(_TRANSITION, 1, job_key(job_id), ",".join(sorted(allowed)), to, *_fields(fields))
+def transition(r: redis.Redis, job_id: str, allowed: set[str], to: str, *, attempt: int | None = None,
+               **fields: Any) -> tuple[bool, str | None]:
+    """Move the record to ``to`` if its status is one of ``allowed`` (and, given ``attempt``, the record's attempt is
+    still that one); returns (moved, status before)."""
+    res = r.eval(_TRANSITION, 1, job_key(job_id), ",".join(sorted(allowed)), to,
+                 "" if attempt is None else str(attempt), *_fields(fields))
     if res is None:
         return False, None
     return bool(res[0]), res[1].decode()
+
+
+class AttemptSuperseded(Exception):
+    """This attempt no longer owns its job: the worker was taken for lost (it stopped heartbeating, e.g. paused or cut
+    off from Redis) and the job was re-queued or ended meanwhile. The attempt must stop and write nothing shared."""
+
+
+def owns(r: redis.Redis | redis.client.Pipeline, job_id: str, attempt: int) -> bool:
+    """Whether ``attempt`` is still the running attempt of the job."""
+    status, current = r.hmget(job_key(job_id), "status", "attempt")
+    return status == b"running" and current is not None and int(current) == attempt
+
+
+def write_as_attempt(r: redis.Redis, job_id: str, attempt: int, queue_writes) -> None:
+    """Run ``queue_writes(pipe)`` (commands queued on a transaction) only while ``attempt`` owns the job: the record is
+    WATCHed, so a re-queue between the check and the writes aborts them. Raises AttemptSuperseded otherwise."""
+    key = job_key(job_id)
+    while True:
+        with r.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                if not owns(pipe, job_id, attempt):
+                    raise AttemptSuperseded(f"attempt {attempt} of job {job_id} no longer owns it")
+                pipe.multi()
+                queue_writes(pipe)
+                pipe.execute()
+                return
+            except redis.WatchError:  # the record changed meanwhile: look again
+                continue
 
 
 def start_attempt(r: redis.Redis, job_id: str, **fields: Any) -> int | None:
@@ -173,10 +207,11 @@ def expire_job(pipe: redis.client.Pipeline, job_id: str, settings: Settings) -> 
 
 
 def end_job(r: redis.Redis, job_id: str, status: JobStatus, *, allowed: set[str], event: dict,
-            data: bytes = b"", settings: Settings | None = None, **fields: Any) -> bool:
-    """Move a job to a terminal status, tell its viewers, start its retention clocks. False if it had ended."""
+            data: bytes = b"", settings: Settings | None = None, attempt: int | None = None, **fields: Any) -> bool:
+    """Move a job to a terminal status, tell its viewers, start its retention clocks. False if it had ended (or,
+    given ``attempt``, a later attempt owns it)."""
     settings = settings or get_settings()
-    moved, _ = transition(r, job_id, allowed, status, finished_at=time.time(), **fields)
+    moved, _ = transition(r, job_id, allowed, status, attempt=attempt, finished_at=time.time(), **fields)
     if not moved:
         return False
     with r.pipeline(transaction=False) as pipe:
@@ -300,17 +335,22 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
         return
     worker = record.get("worker", "?")
     attempt = record.get("attempt", 0)
+    from workers.output import partial_paths
+
     if job.retries_left and job.retries_left > 0:
         note = f"worker {worker} stopped responding during attempt {attempt}; the job was re-queued"
         moved, _ = transition(connection, job.id, {JobStatus.RUNNING}, JobStatus.QUEUED, requeued=note)
         if moved:
             publish_event(connection, job.id, {"type": "status", "status": JobStatus.QUEUED, "attempt": attempt,
                                                "reason": note}, maxlen=settings.stream_maxlen)
+            # The lost attempt's file (should that worker only have stalled, it writes on to an unlinked file and
+            # stops at its next write: it no longer owns the job).
+            for path in partial_paths(settings.output_dir, job.id):
+                path.unlink(missing_ok=True)
         return
-    from workers.output import partial_path
-
     # The dead worker could not clean up after itself; no half-written file stays behind.
-    partial_path(settings.output_dir, job.id).unlink(missing_ok=True)
+    for path in partial_paths(settings.output_dir, job.id):
+        path.unlink(missing_ok=True)
     error = {
         "type": "WorkerLost",
         "message": f"the worker running this job stopped responding {attempt} times (last: {worker}); "

@@ -2,15 +2,19 @@
 
 Every fragmented-MP4 segment is written once and the same bytes go three ways, in this order:
 
-1. appended to ``<output_dir>/<id>.mp4.partial`` (renamed to ``<id>.mp4`` when the job succeeds, deleted
+1. appended to ``<output_dir>/<id>.<attempt>.mp4.partial`` (renamed to ``<id>.mp4`` when the job succeeds, deleted
    when it fails or is cancelled: a finished name is always a complete file);
 2. recorded in the chunk table ``sana:job:<id>:chunks`` (the chunk event plus its byte offset in the file),
    so a viewer who falls behind the stream's bounded retention reads the chunk from the file instead;
 3. appended to the stream ``sana:job:<id>:stream`` for live viewers.
 
-A re-queued job (its first worker died) starts a new attempt: the file is truncated, the chunk table reset, and
+A re-queued job (its first worker died) starts a new attempt: a file of its own, the chunk table reset, and
 a ``start`` entry with the new attempt number is appended. Viewers treat a start of a newer attempt as
 "restart from chunk 0" (``server/stream.py``), so they never mix bytes of two attempts.
+
+A worker taken for lost may only have stalled. Should it come back, its attempt no longer owns the job: every write
+to the record, the chunk table and the stream checks the attempt in the same transaction, and the attempt stops with
+``AttemptSuperseded`` at its next write or denoising step, having touched nothing but its own file.
 """
 
 from __future__ import annotations
@@ -35,15 +39,22 @@ def video_path(output_dir: Path, job_id: str) -> Path:
     return Path(output_dir) / f"{job_id}.mp4"
 
 
-def partial_path(output_dir: Path, job_id: str) -> Path:
-    return Path(output_dir) / f"{job_id}.mp4.partial"
+def partial_path(output_dir: Path, job_id: str, attempt: int) -> Path:
+    return Path(output_dir) / f"{job_id}.{attempt}.mp4.partial"
 
 
-_OUTPUT_NAME = re.compile(r"^([0-9a-f]{32})\.mp4(\.partial)?$")  # uuid4().hex job ids (server/routes.py)
+def partial_paths(output_dir: Path, job_id: str) -> list[Path]:
+    """The partial files of every attempt of a job."""
+    return sorted(Path(output_dir).glob(f"{job_id}.*.mp4.partial"))
+
+
+# uuid4().hex job ids (server/routes.py): <id>.mp4, <id>.<attempt>.mp4.partial (and an older <id>.mp4.partial)
+_OUTPUT_NAME = re.compile(r"^([0-9a-f]{32})(\.\d+)?\.mp4(\.partial)?$")
 
 
 def sweep_expired(r: redis.Redis, output_dir: Path, ttl_s: float, now: float | None = None) -> list[Path]:
-    """Delete the output files whose job has expired: ``<id>.mp4`` (or a ``.partial`` a lost attempt left) with no
+    """Delete the output files whose job has expired: ``<id>.mp4`` (or a ``<id>.<attempt>.mp4.partial`` a lost attempt
+    left) with no
     job record left in Redis and not written for ``ttl_s`` seconds. Returns the deleted paths.
 
     A finished file is last written when its job ends, and the record lives ``ttl_s`` (SANA_RESULT_TTL_S) from then
@@ -92,7 +103,7 @@ class JobOutput:
         self.job_id = job_id
         self.attempt = attempt
         self.settings = settings
-        self.partial = partial_path(settings.output_dir, job_id)
+        self.partial = partial_path(settings.output_dir, job_id, attempt)
         self.final = video_path(settings.output_dir, job_id)
         self._file = None
         self.chunks = 0
@@ -104,19 +115,21 @@ class JobOutput:
     def begin(self, start_event: dict[str, Any], init_segment: bytes) -> None:
         """Open a fresh output file with the MP4 init segment and announce the attempt to viewers."""
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.partial, "wb")  # truncates what an earlier attempt left
+        self._file = open(self.partial, "wb")
         self._file.write(init_segment)
         self._file.flush()
         self.bytes = len(init_segment)
         event = dict(start_event, type="start", attempt=self.attempt, init_bytes=len(init_segment))
-        with self.r.pipeline() as pipe:
+
+        def writes(pipe) -> None:
             pipe.delete(jobs.chunks_key(self.job_id))
             pipe.hset(jobs.job_key(self.job_id), mapping={
                 "init": init_segment, "init_attempt": self.attempt, "start": json.dumps(event),
                 "chunks": 0, "bytes": self.bytes,
             })
             self._publish(pipe, event, init_segment)
-            pipe.execute()
+
+        jobs.write_as_attempt(self.r, self.job_id, self.attempt, writes)
 
     def chunk(self, chunk_event: dict[str, Any], segment: bytes) -> dict[str, Any]:
         """Append one media segment everywhere; returns the event sent to viewers."""
@@ -127,27 +140,32 @@ class JobOutput:
         self.chunks += 1
         event = dict(chunk_event, type="chunk", attempt=self.attempt, offset=offset, bytes=len(segment),
                      t=round(time.time(), 6))
-        with self.r.pipeline() as pipe:
+
+        def writes(pipe) -> None:
             pipe.rpush(jobs.chunks_key(self.job_id), json.dumps(event))
             pipe.hset(jobs.job_key(self.job_id), mapping={"chunks": self.chunks, "bytes": self.bytes})
             self._publish(pipe, event, segment)
-            pipe.execute()
+
+        jobs.write_as_attempt(self.r, self.job_id, self.attempt, writes)
         return event
 
     def progress(self, progress: dict[str, Any], eta_s: float | None) -> None:
         event = {"type": "progress", "attempt": self.attempt, **progress, "eta_s": eta_s}
         mapping: dict[str, Any] = {"progress": json.dumps(progress)}
-        with self.r.pipeline(transaction=False) as pipe:
+
+        def writes(pipe) -> None:
             if eta_s is None:
                 pipe.hdel(jobs.job_key(self.job_id), "eta_s")
             else:
                 mapping["eta_s"] = eta_s
             pipe.hset(jobs.job_key(self.job_id), mapping=mapping)
             self._publish(pipe, event)
-            pipe.execute()
+
+        jobs.write_as_attempt(self.r, self.job_id, self.attempt, writes)
 
     def finish(self, tail: bytes) -> Path:
-        """Write the closing bytes, make the file durable and give it its final name."""
+        """Write the closing bytes, make the file durable and give it its final name (if this attempt still owns the
+        job: else AttemptSuperseded, and the file is left for ``discard``)."""
         if tail:
             self._file.write(tail)
         self.bytes += len(tail)
@@ -155,8 +173,11 @@ class JobOutput:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
+        if not jobs.owns(self.r, self.job_id, self.attempt):
+            raise jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} no longer owns it")
         os.replace(self.partial, self.final)
-        self.r.hset(jobs.job_key(self.job_id), mapping={"tail": tail, "bytes": self.bytes})
+        jobs.write_as_attempt(self.r, self.job_id, self.attempt,
+                              lambda pipe: pipe.hset(jobs.job_key(self.job_id), mapping={"tail": tail, "bytes": self.bytes}))
         return self.final
 
     def discard(self) -> None:

@@ -160,7 +160,18 @@ class JobRun:
     # -- callbacks the engine calls ------------------------------------------------------------------------
 
     def should_cancel(self) -> bool:
-        return bool(self.r.exists(jobs.cancel_key(self.job_id)))
+        """Whether the job was cancelled; raises AttemptSuperseded when this attempt no longer owns the job (this
+        worker was taken for lost and the job re-queued): it must stop now, whoever runs the job."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.exists(jobs.cancel_key(self.job_id))
+            pipe.hmget(jobs.job_key(self.job_id), "status", "attempt")
+            cancelled, (status, attempt) = pipe.execute()
+        if status != b"running" or attempt is None or int(attempt) != self.attempt:
+            if status is None or status == b"cancelled":  # a cancel ended it meanwhile: the usual path
+                return True
+            raise jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} no longer owns it "
+                                         f"(now: {status.decode()}, attempt {int(attempt or 0)})")
+        return bool(cancelled)
 
     def on_progress(self, p: Progress) -> None:
         now = time.monotonic()
@@ -180,6 +191,12 @@ class JobRun:
         metrics.BUSY.labels(self.model).set(1)
         try:
             return self._run(raw_params, t0)
+        except jobs.AttemptSuperseded as exc:
+            # This worker was taken for lost (stalled past its heartbeats) and the job went on without it: leave the
+            # record, the chunk table and the stream to the attempt that owns them.
+            self.output.discard()
+            log.warning("job %s: attempt %d stopped: %s", self.job_id, self.attempt, exc)
+            return {"status": "superseded", "attempt": self.attempt}
         except GenerationCancelled:
             self.output.discard()
             where = ""
@@ -249,13 +266,15 @@ class JobRun:
         final_progress.update(fraction=1.0, frames_done=frames_done)
         done = {"type": "done", "status": JobStatus.SUCCEEDED, "chunks": self.output.chunks,
                 "frames": frames_done, "bytes": self.output.bytes, "tail_bytes": len(tail)}
-        self._end(JobStatus.SUCCEEDED, done, data=tail, t0=t0, first_chunk_s=first_chunk_s,
-                  video=path.name, progress=json.dumps(final_progress))
+        if not self._end(JobStatus.SUCCEEDED, done, data=tail, t0=t0, first_chunk_s=first_chunk_s,
+                         video=path.name, progress=json.dumps(final_progress)):
+            raise jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} ended after it lost the job")
         log.info("job %s: succeeded, %d frames in %.2fs -> %s", self.job_id, frames_done, wall, path)
         return {"status": JobStatus.SUCCEEDED, "video": path.name, "frames": frames_done}
 
     def _end(self, status: JobStatus, event: dict, *, t0: float, data: bytes = b"", error: dict | None = None,
-             first_chunk_s: float | None = None, **fields: Any) -> None:
+             first_chunk_s: float | None = None, **fields: Any) -> bool:
+        """Record the attempt's outcome; False when the job had ended or moved on to another attempt."""
         run_s = time.monotonic() - t0
         record = jobs.read_job(self.r, self.job_id) or {}
         timings = {"run_s": round(run_s, 3)}
@@ -269,7 +288,9 @@ class JobRun:
         event = dict(event, attempt=self.attempt)
         if error is not None and "error" not in event:
             event["error"] = error
-        jobs.end_job(self.r, self.job_id, status, allowed={JobStatus.RUNNING}, event=event, data=data,
-                     settings=self.settings, timings=json.dumps(timings), **fields)
-        metrics.JOBS.labels(self.model, status.value).inc()
-        metrics.JOB_DURATION.labels(self.model, self.mode).observe(run_s)
+        ended = jobs.end_job(self.r, self.job_id, status, allowed={JobStatus.RUNNING}, attempt=self.attempt,
+                             event=event, data=data, settings=self.settings, timings=json.dumps(timings), **fields)
+        if ended:
+            metrics.JOBS.labels(self.model, status.value).inc()
+            metrics.JOB_DURATION.labels(self.model, self.mode).observe(run_s)
+        return ended
