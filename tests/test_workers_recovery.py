@@ -100,7 +100,7 @@ def test_second_death_fails_the_job_with_a_clear_error(stack, services):
     job = wait_job(stack.client, job_id, timeout=120)
     assert job["status"] == "failed", job
     assert job["error"]["type"] == "WorkerLost"
-    assert "2 times" in job["error"]["message"] and "not retried" in job["error"]["message"]
+    assert "during attempt 2" in job["error"]["message"] and "not retried" in job["error"]["message"]
     assert not list(services.output_dir.glob(f"{job_id}*.partial"))
     assert not (services.output_dir / f"{job_id}.mp4").exists()
     video = stack.client.get(f"/jobs/{job_id}/video")
@@ -144,3 +144,29 @@ def test_a_stalled_worker_that_comes_back_leaves_the_job_to_the_next_attempt(sta
     wait_until(lambda: "stopped: attempt 1" in first.log(), 60, what="the stalled attempt to stop")
     assert not list(services.output_dir.glob(f"{job_id}*.partial"))
     assert first.alive()  # the stalled worker goes on serving
+
+
+def test_a_worker_stopped_twice_mid_job_hands_the_job_on(stack, services):
+    """A second SIGTERM (or Ctrl-C) stops a worker in the middle of a job: RQ raises SystemExit inside it. The job is
+    re-queued like a lost worker's, and another worker finishes it (it used to stay "running" for good)."""
+    import os
+    import signal
+    import time
+
+    fresh = [services.worker(MODEL, wait=False) for _ in range(2)]
+    for w in fresh:
+        services.wait_worker(w)
+    stack.workers.extend(fresh)
+    job_id = stack.client.post("/generate", json={"prompt": "a cat", "frames": 201, "seed": 14}).json()["id"]
+    first, _ = worker_running(stack, job_id, attempt=1)
+    os.kill(first.pid, signal.SIGTERM)  # warm shutdown: would wait for the job
+    time.sleep(1.5)  # RQ ignores a second signal within a second of the first
+    os.kill(first.pid, signal.SIGTERM)  # cold: SystemExit inside the job
+    first.popen.wait(30)
+
+    job = wait_job(stack.client, job_id, timeout=180)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert "was stopped during attempt 1" in job["requeued"]
+    assert worker_pid(stack, job_id) != first.pid
+    assert len(decode_mp4(stack.client.get(f"/jobs/{job_id}/video").content)) == 201
+    assert not list(services.output_dir.glob(f"{job_id}*.partial"))

@@ -322,23 +322,31 @@ def _remove_from_queue(r: redis.Redis, job_id: str) -> None:
 
 
 def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
-    """RQ failure callback. Only a lost worker matters here: the task records its own failures.
+    """RQ failure callback. Only a lost or stopped worker matters here: the task records its own failures.
 
-    RQ's StartedJobRegistry cleanup calls this for a job whose worker stopped heartbeating, before it
-    re-queues the job (retries left) or fails it (none left). We mirror that in the record and tell viewers.
+    - RQ's StartedJobRegistry cleanup calls this for a job whose worker stopped heartbeating, before it re-queues
+      the job (retries left) or fails it (none left).
+    - The worker itself calls it when it is made to stop in the middle of a job (a second SIGTERM or Ctrl-C: RQ
+      raises SystemExit inside the job). The record would stay "running" for good: the job is re-queued the same
+      way (``requeue_on_stop`` tells the worker to keep RQ's retry), or failed when no retry is left.
+
+    We mirror that in the record and tell viewers.
     """
-    if exc_type is None or not issubclass(exc_type, AbandonedJobError):
+    from workers.output import partial_paths
+
+    stopped = exc_type is not None and issubclass(exc_type, (SystemExit, KeyboardInterrupt))
+    if exc_type is None or not (stopped or issubclass(exc_type, AbandonedJobError)):
         return
     settings = get_settings()
     record = read_job(connection, job.id)
-    if record is None:
+    if record is None or (stopped and record["status"] != JobStatus.RUNNING):
         return
     worker = record.get("worker", "?")
     attempt = record.get("attempt", 0)
-    from workers.output import partial_paths
-
+    what = "was stopped" if stopped else "stopped responding"
     if job.retries_left and job.retries_left > 0:
-        note = f"worker {worker} stopped responding during attempt {attempt}; the job was re-queued"
+        job.requeue_on_stop = stopped
+        note = f"worker {worker} {what} during attempt {attempt}; the job was re-queued"
         moved, _ = transition(connection, job.id, {JobStatus.RUNNING}, JobStatus.QUEUED, requeued=note)
         if moved:
             publish_event(connection, job.id, {"type": "status", "status": JobStatus.QUEUED, "attempt": attempt,
@@ -353,7 +361,7 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
         path.unlink(missing_ok=True)
     error = {
         "type": "WorkerLost",
-        "message": f"the worker running this job stopped responding {attempt} times (last: {worker}); "
+        "message": f"the worker running this job {what} during attempt {attempt} (the last, on {worker}); "
                    "it is not retried again",
     }
     end_job(connection, job.id, JobStatus.FAILED, allowed={JobStatus.RUNNING, JobStatus.QUEUED},

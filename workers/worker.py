@@ -56,7 +56,8 @@ class GenerationWorker(SimpleWorker):
         return self.settings.heartbeat_ttl_s
 
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
-        job.retries_left = 0  # retries are for lost workers only (StartedJobRegistry cleanup)
+        if not getattr(job, "requeue_on_stop", False):  # set by on_job_failure for a worker stopped mid-job
+            job.retries_left = 0  # retries are for lost or stopped workers only
         return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def perform_job(self, job, queue, execution) -> bool:
