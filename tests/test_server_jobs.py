@@ -184,6 +184,10 @@ def test_cancel_queued_and_running_jobs(stack, services):
     r = client.delete(f"/jobs/{queued_id}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert client.get(f"/jobs/{queued_id}/video").status_code == 409
+    rq = services.redis.client()
+    assert not rq.exists(f"rq:job:{queued_id}")  # RQ keeps nothing of it (its hash held the prompt, without expiry)
+    assert not any(rq.zscore(key, queued_id) is not None for key in rq.scan_iter("rq:canceled:*"))
+    rq.close()
 
     r = client.delete(f"/jobs/{long_id}")
     assert r.status_code in (200, 202)

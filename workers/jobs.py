@@ -311,7 +311,9 @@ def _remove_from_queue(r: redis.Redis, job_id: str) -> None:
     from rq.job import Job
 
     try:
-        Job.fetch(job_id, connection=r, serializer=JSONSerializer).cancel()
+        # Deleted, not cancelled: RQ keeps a cancelled job's hash (with the prompt) without expiry, and its id in a
+        # canceled registry it never cleans. Our record keeps what the API shows.
+        Job.fetch(job_id, connection=r, serializer=JSONSerializer).delete(remove_from_queue=True)
     except NoSuchJobError:
         pass
     except Exception as exc:  # e.g. a worker took it meanwhile: it reads the cancelled record and skips the job
