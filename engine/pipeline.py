@@ -323,11 +323,10 @@ class VideoPipeline:
         boundary when ``should_cancel()`` is true. ``params`` must come from ``resolve``."""
         params = self.resolve(params)
         try:
-            with torch.inference_mode():
-                if params.mode == "stream":
-                    yield from self._generate_stream(params, on_progress, should_cancel)
-                else:
-                    yield from self._generate_clip(params, on_progress, should_cancel)
+            if params.mode == "stream":
+                yield from self._generate_stream(params, on_progress, should_cancel)
+            else:
+                yield from self._generate_clip(params, on_progress, should_cancel)
         finally:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -344,6 +343,7 @@ class VideoPipeline:
         c = self.transformer.config.in_channels
         return (1, c, frames, params.height // SPATIAL_FACTOR, params.width // SPATIAL_FACTOR)
 
+    @torch.inference_mode()
     def _generate_clip(self, params, on_progress, should_cancel) -> Iterator[VideoChunk]:
         from diffusers import DPMSolverMultistepScheduler
 
@@ -376,6 +376,7 @@ class VideoPipeline:
                 on_progress(Progress(1, 1, params.steps, params.steps, frames_done, params.frames))
             yield chunk
 
+    @torch.inference_mode()
     def _generate_stream(self, params, on_progress, should_cancel) -> Iterator[VideoChunk]:
         cfg = params.guidance_scale > 1.0
         emb, mask = self._encode_prompt(params, cfg)

@@ -44,6 +44,24 @@ def test_seed_determinism(fixture, request):
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 1.0
 
 
+def test_generators_leave_the_caller_out_of_inference_mode(stream):
+    """Inference mode is on only while the pipeline computes: between chunks the caller's thread is as it was, and
+    two streams consumed in turn (a server interleaving them) both run and match their runs alone."""
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    expected = {seed: video(stream, seed=seed, frames=33)[1] for seed in (1, 2)}
+    gens = {seed: stream.generate(stream.resolve(GenerationParams(prompt="a red circle moving left", frames=33,
+                                                                     seed=seed))) for seed in (1, 2)}
+    got = {1: [], 2: []}
+    for _ in range(3):
+        for seed, gen in gens.items():
+            got[seed].append(next(gen).frames)
+            assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    for seed in (1, 2):
+        assert next(gens[seed], None) is None
+        assert np.array_equal(np.concatenate(got[seed]), expected[seed])
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+
+
 def test_prompt_changes_video(stream):
     _, a = video(stream, prompt="a red circle", seed=1, frames=9)
     _, b = video(stream, prompt="a blue square", seed=1, frames=9)
