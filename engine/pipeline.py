@@ -244,6 +244,16 @@ class VideoPipeline:
             raise InvalidParams("prompt", "must not be empty", f"1..{MAX_PROMPT_CHARS} characters")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidParams("prompt", f"{len(prompt)} characters", f"1..{MAX_PROMPT_CHARS} characters")
+        # The text encoder reads a fixed number of tokens; a longer prompt would lose its end (and the motion score
+        # after it) without a word.
+        for field, text, instruction in (("prompt", self._full_prompt(prompt), None),
+                                         ("negative_prompt", params.negative_prompt or "", False)):
+            over = self.text_encoder.overflow(text, with_instruction=instruction)
+            if over is not None:
+                raise InvalidParams(field, f"{over[0]} tokens, more than model {self.name} reads",
+                                    f"at most {over[1]} tokens (special tokens"
+                                    + (" and the motion score" if field == "prompt" and text != prompt else "")
+                                    + " included)")
         m = self.size_multiple
         width = p.width if params.width is None else params.width
         height = p.height if params.height is None else params.height
@@ -293,11 +303,14 @@ class VideoPipeline:
 
     # -- generation ------------------------------------------------------------------------------------------------
 
-    def _encode_prompt(self, params: GenerationParams, cfg: bool):
-        prompt = params.prompt
+    def _full_prompt(self, prompt: str) -> str:
+        """The prompt as the text encoder reads it: the model's motion score appended (official pipeline)."""
         if self.preset.motion_score is not None and "motion score" not in prompt:
             prompt = f"{prompt} motion score: {self.preset.motion_score}."
-        emb, mask = self.text_encoder.encode([prompt])
+        return prompt
+
+    def _encode_prompt(self, params: GenerationParams, cfg: bool):
+        emb, mask = self.text_encoder.encode([self._full_prompt(params.prompt)])
         if cfg:
             neg, neg_mask = self.text_encoder.encode([params.negative_prompt], with_instruction=False)
             emb, mask = torch.cat([neg, emb]), torch.cat([neg_mask, mask])

@@ -57,18 +57,30 @@ class TextEncoder:
         return self
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], with_instruction: bool | None = None):
-        device = self.model.device
-        max_len = self.max_sequence_length
+    def _texts(self, prompts: list[str], with_instruction: bool | None) -> tuple[list[str], int]:
+        """The texts the tokenizer reads and the number of tokens it keeps of each (the rest is cut off)."""
         texts = [p.lower().strip() for p in prompts]
         use_chi = self.use_instruction if with_instruction is None else with_instruction
-        total = max_len
+        total = self.max_sequence_length
         if use_chi:
             chi = "\n".join(COMPLEX_HUMAN_INSTRUCTION)
             texts = [chi + t for t in texts]
             if self._instruction_tokens is None:
                 self._instruction_tokens = len(self.tokenizer.encode(chi))
-            total = self._instruction_tokens + max_len - 2
+            total = self._instruction_tokens + self.max_sequence_length - 2
+        return texts, total
+
+    def overflow(self, prompt: str, with_instruction: bool | None = None) -> tuple[int, int] | None:
+        """(tokens, limit) when ``prompt`` is longer than the encoder reads (``encode`` would cut its end off), else
+        None. Counted as ``encode`` counts: special tokens and the instruction prefix included."""
+        (text,), total = self._texts([prompt], with_instruction)
+        n = len(self.tokenizer.encode(text))
+        return (n, total) if n > total else None
+
+    def encode(self, prompts: list[str], with_instruction: bool | None = None):
+        device = self.model.device
+        max_len = self.max_sequence_length
+        texts, total = self._texts(prompts, with_instruction)
         enc = self.tokenizer(
             texts, padding="max_length", max_length=total, truncation=True, add_special_tokens=True, return_tensors="pt"
         )

@@ -141,6 +141,18 @@ def test_invalid_params(clip, fields, field):
     assert err.value.field == field and err.value.accepted
 
 
+def test_a_prompt_longer_than_the_text_encoder_reads_is_refused(clip):
+    """The tiny text encoder reads 32 tokens (the <bos> included); encode() would silently cut a longer prompt."""
+    words = ["red"] * 30
+    assert clip.resolve(GenerationParams(prompt=" ".join(words + ["circle"]))).prompt  # 32 tokens: read whole
+    with pytest.raises(InvalidParams) as err:
+        clip.resolve(GenerationParams(prompt=" ".join(words + ["circle", "left"])))
+    assert err.value.field == "prompt" and "33 tokens" in err.value.message and "at most 32" in err.value.accepted
+    with pytest.raises(InvalidParams) as err:
+        clip.resolve(GenerationParams(prompt="a cat", negative_prompt=" ".join(["blurry"] * 40)))
+    assert err.value.field == "negative_prompt"
+
+
 def test_causal_model_rejects_clip(stream):
     with pytest.raises(InvalidParams, match="mode"):
         stream.resolve(GenerationParams(prompt="a", mode="clip"))
