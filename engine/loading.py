@@ -36,7 +36,10 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 def check_device(device: str | torch.device | None, dtype: torch.dtype | None) -> torch.device:
     """The torch.device to run on; raises DeviceError when this machine cannot run ``device``/``dtype``."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:  # "gpu", "cuda:x", ...
+        raise DeviceError(f"unsupported device {device!r} (accepted: cpu, cuda, cuda:N)") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine (accepted: cpu)")
@@ -161,10 +164,21 @@ def load_transformer(path_or_hub_id: str, dtype=None, device=None) -> SanaVideoT
     return model.to(device=dev, dtype=target).eval()
 
 
+def check_saveable(model) -> None:
+    """Raise CheckpointError for a transformer that cannot be written as a diffusers checkpoint."""
+    if hasattr(model, "fast_settings"):
+        raise CheckpointError("this transformer runs the fast path (engine.fast), whose blocks hold fused weights "
+                              "under other names: save the model before apply_fast_path/optimize")
+
+
 def save_transformer(model: SanaVideoTransformer, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
     """Write ``model`` as a diffusers-format transformer folder (config.json + safetensors, sharded if asked)."""
+    check_saveable(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # Weights of an earlier save in another layout (one file against shards) would be loaded in place of these.
+    for old in [*folder.glob("diffusion_pytorch_model*.safetensors"), folder / WEIGHTS_INDEX_NAME]:
+        old.unlink(missing_ok=True)
     config = model.config.to_dict()
     config["_class_name"] = CAUSAL_CLASS if model.causal else BIDIRECTIONAL_CLASS
     config["_diffusers_version"] = "0.42.1"

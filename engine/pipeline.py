@@ -24,6 +24,7 @@ from engine.errors import CheckpointError, GenerationCancelled, InvalidParams
 from engine.loading import (
     build_transformer,
     check_device,
+    check_saveable,
     load_transformer,
     parse_dtype,
     resolve_folder,
@@ -112,8 +113,11 @@ class VideoPipeline:
         """``model``: a preset name (see engine.presets), a diffusers-format pipeline folder, or a hub id."""
         dtype = parse_dtype(dtype)
         dev = check_device(device, dtype)
-        if dtype is None:
-            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        if dtype is None:  # bf16 on GPUs that have it, else fp16; fp32 on the CPU
+            if dev.type == "cuda":
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            else:
+                dtype = torch.float32
         preset = get_preset(model)
         if preset is not None and preset.built_locally:
             return cls._build_local(preset, dev, dtype)
@@ -180,6 +184,7 @@ class VideoPipeline:
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the whole pipeline as a diffusers-format folder (plus our sampling defaults in sana_video.json)."""
+        check_saveable(self.transformer)  # before anything is written
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_transformer(self.transformer, folder / "transformer")

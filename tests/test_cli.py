@@ -69,6 +69,9 @@ def mismatched_checkpoint(tmp_path_factory):
         (["--mode", "stream"], "cannot stream"),
         (["--steps", "0"], "steps"),
         (["--fast", "turbo"], "--fast 'turbo' (accepted: auto, on, off, fp8)"),
+        (["--device", "gpu"], "unsupported device 'gpu' (accepted: cpu, cuda, cuda:N)"),
+        (["--device", "cuda:x"], "unsupported device 'cuda:x'"),
+        (["--prompt", " ".join(["red"] * 40)], "prompt: 41 tokens"),
     ],
 )
 def test_bad_input_exit_2_and_no_file(tmp_path, args, message):

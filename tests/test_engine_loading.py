@@ -62,6 +62,35 @@ def test_save_sharded_roundtrip_and_dtype(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v.bfloat16())
 
 
+def test_a_save_replaces_the_weights_of_an_earlier_save_in_the_other_layout(tmp_path):
+    torch.manual_seed(1)
+    a, b = SanaVideoTransformer(TINY_TRANSFORMER), SanaVideoTransformer(TINY_TRANSFORMER)
+    for first, second in (({}, {"max_shard_bytes": 30_000}), ({"max_shard_bytes": 30_000}, {})):
+        folder = tmp_path / f"t{len(first)}"
+        save_transformer(a, folder, **first)
+        save_transformer(b, folder, **second)
+        loaded = load_transformer(str(folder))
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_a_fast_path_model_is_not_saved_as_a_checkpoint(tmp_path):
+    from engine.fast import optimize
+
+    model = optimize(SanaVideoTransformer(TINY_TRANSFORMER), compile=False, kernels=False)
+    with pytest.raises(CheckpointError, match="save the model before"):
+        save_transformer(model, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+    from engine.fast import apply_fast_path
+    from engine.pipeline import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained("tiny", device="cpu")
+    apply_fast_path(pipe, "on")
+    with pytest.raises(CheckpointError, match="save the model before"):
+        pipe.save_pretrained(tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()  # nothing half-written
+
+
 def test_mismatched_keys_are_listed(tmp_path, diffusers_folder):
     folder, reference = diffusers_folder
     bad = tmp_path / "bad"
