@@ -100,10 +100,17 @@ def read_transformer_config(folder: Path) -> tuple[TransformerConfig, bool]:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own SafetensorError (truncated, not safetensors, ...)
+        raise CheckpointError(f"{path}: unreadable weights ({type(exc).__name__}: {exc})") from exc
+
+
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     single, index = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
     if single.exists():
-        return load_file(single)
+        return _load_weights(single)
     if index.exists():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -113,7 +120,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             if not (folder / shard).exists():
                 raise CheckpointError(f"{folder}: shard {shard} listed in {WEIGHTS_INDEX_NAME} is missing")
-            state.update(load_file(folder / shard))
+            state.update(_load_weights(folder / shard))
         return state
     raise CheckpointError(f"{folder}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
 

@@ -152,7 +152,12 @@ class VideoPipeline:
         base = preset or PRESETS["sana-video-480p-longlive" if transformer.causal else "sana-video-480p"]
         overrides = {}
         if (folder / PRESET_FILE).exists():
-            overrides = json.loads((folder / PRESET_FILE).read_text())
+            overrides = _read_json(folder / PRESET_FILE)
+            known = {f.name for f in dataclasses.fields(ModelPreset)} - {"name", "causal", "source"}
+            unknown = sorted(set(overrides) - known) if isinstance(overrides, dict) else ["(not an object)"]
+            if unknown:
+                raise CheckpointError(f"{folder / PRESET_FILE}: unknown settings {unknown} (accepted: "
+                                      f"{', '.join(sorted(known))})")
             if "stream_timesteps" in overrides:
                 overrides["stream_timesteps"] = tuple(overrides["stream_timesteps"])
         preset = dataclasses.replace(base, name=name, causal=transformer.causal, source=str(folder), **overrides)
@@ -170,7 +175,7 @@ class VideoPipeline:
             )
         sched = default_scheduler_config(preset)
         if (folder / "scheduler" / "scheduler_config.json").exists():
-            sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            sched = _read_json(folder / "scheduler" / "scheduler_config.json")
         text = TextEncoder(tokenizer, encoder, preset.max_sequence_length, preset.use_instruction)
         return cls._assemble(name, preset, transformer, vae, text, sched, dev, dtype)
 
@@ -497,6 +502,13 @@ class DecodeQueue:
         # A copy: a consumer that keeps its chunks must not keep page-locked memory (a minute at 480p is 1.1 GiB);
         # the pinned buffer goes back to PyTorch's cache for the next block.
         return index, host.numpy().copy()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: malformed ({exc})") from exc
 
 
 def _component_class(folder: Path, component: str) -> str | None:

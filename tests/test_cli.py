@@ -94,6 +94,25 @@ def test_checkpoint_mismatch_exit_2(tmp_path, mismatched_checkpoint):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 9),
+     "unreadable weights"),
+    (lambda f: (f / "sana_video.json").write_text("{not json"), "sana_video.json: malformed"),
+    (lambda f: (f / "sana_video.json").write_text('{"frobs": 3}'), "unknown settings ['frobs']"),
+    (lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[1,"), "scheduler_config.json: malformed"),
+])
+def test_damaged_checkpoint_exit_2(tmp_path, damage, message):
+    from engine.pipeline import VideoPipeline
+
+    folder = VideoPipeline.from_pretrained("tiny", device="cpu").save_pretrained(tmp_path / "pipe")
+    damage(folder)
+    out = tmp_path / "v.mp4"
+    result = runner.invoke(app, ["generate", "--model", str(folder), "--prompt", "a", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_out_folder_missing_exit_2(tmp_path):
     result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--out", str(tmp_path / "nope" / "v.mp4")])
     assert result.exit_code == 2 and "does not exist" in result.output
