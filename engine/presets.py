@@ -247,6 +247,7 @@ PRESETS: dict[str, ModelPreset] = {
         guidance_scale=6.0,
         flow_shift=8.0,
         max_frames=121,
+        max_clip_frames=121,  # a clip model: this is the limit that applies
         max_pixels=1280 * 720,
     ),
 }
