@@ -6,6 +6,7 @@ URLs in answers are relative to the API's base URL (stream_url is a websocket pa
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -15,7 +16,8 @@ from fastapi import APIRouter, HTTPException, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from server import metrics
-from server.admission import admit, served_model_names
+from engine.errors import InvalidParams
+from server.admission import LimitExceeded, admit, served_model_names
 from server.deps import MediaOwnerDep, OwnerDep, RedisDep, SettingsDep, owned_record
 from server.schemas import (
     ErrorBody,
@@ -181,8 +183,22 @@ def create_video(req: VideoCreateRequest, r: RedisDep, settings: SettingsDep, ow
     model = canonical_model(req.model) if req.model else canonical_model(settings.model)
     workers = served_models(r).get(model, [])
     default_fps = (workers[0].get("defaults", {}).get("fps") if workers else None) or 16
-    job_id = submit(req.to_generate(default_fps), r, settings, owner)
+    try:
+        job_id = submit(req.to_generate(default_fps), r, settings, owner)
+    except (InvalidParams, LimitExceeded) as exc:
+        raise _in_request_terms(exc, req, req.fps or default_fps) from exc
     return video_object(jobs.read_job(r, job_id), settings)
+
+
+def _in_request_terms(exc: InvalidParams | LimitExceeded, req: VideoCreateRequest, fps: int):
+    """An admission error about frames or width/height, named after what the client sent: seconds or size."""
+    if exc.field == "frames" and req.seconds is not None:
+        most = [int(n) for n in re.findall(r"\d+", exc.accepted)][-1:]
+        accepted = f"0 < seconds <= {(most[0] - 1) / fps:g} at {fps} fps" if most else exc.accepted
+        return type(exc)("seconds", f"{req.seconds:g} s at {fps} fps ({exc.message})", accepted)
+    if exc.field in ("width", "height") and req.size is not None:
+        return type(exc)("size", f"{req.size}: {exc.message}", f"WIDTHxHEIGHT with {exc.accepted}")
+    return exc
 
 
 @router.get("/v1/videos/{video_id}", response_model=VideoObject, tags=["openai"],

@@ -160,6 +160,13 @@ def test_server_limits_answer_429_and_503_with_retry_after(stack, services):
         assert r.json()["detail"][0]["field"] == "frames" and "1..17" in r.json()["detail"][0]["accepted"]
         r = client.post("/generate", json={"prompt": "a cat", "frames": 17, "width": 128, "height": 64})
         assert r.status_code == 429 and r.json()["detail"][0]["field"] == "width"
+        # /v1/videos names the fields its client sent: seconds and size, not frames and width.
+        r = client.post("/v1/videos", json={"prompt": "a cat", "seconds": 2, "size": "64x64"})
+        detail = r.json()["detail"][0]
+        assert r.status_code == 429 and detail["field"] == "seconds", r.text
+        assert detail["accepted"] == "0 < seconds <= 1 at 16 fps" and "33 frames" in detail["msg"]
+        r = client.post("/v1/videos", json={"prompt": "a cat", "seconds": 1, "size": "128x64"})
+        assert r.status_code == 429 and r.json()["detail"][0]["field"] == "size", r.text
         ok = [client.post("/generate", json={"prompt": "a cat", "frames": 17, "width": 64, "height": 64})
               for _ in range(2)]
         assert [o.status_code for o in ok] == [202, 202]
