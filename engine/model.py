@@ -82,7 +82,8 @@ class RotaryPosEmbed(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` [B, N, heads, d]; computed in fp32, returned in x's dtype."""
+    """Rotate interleaved pairs of ``x`` [B, N, heads, d]; computed in the tables' dtype (fp32 unless the model was
+    cast, as diffusers does; the fast path keeps them fp32), returned in x's dtype."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[..., 0::2], sin[..., 1::2]
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)

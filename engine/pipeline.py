@@ -235,7 +235,7 @@ class VideoPipeline:
             "width_height_multiple": self.size_multiple,
             "max_pixels": p.max_pixels,
             "steps": {"min": 1, "max": 200},
-            "guidance_scale": {"min": 0.0, "max": 20.0},
+            "guidance_scale": {"min": 0.0, "max": 20.0, "off_at_or_below": 1.0},
             "fps": {"min": 1, "max": 60},
         }
 
@@ -286,7 +286,7 @@ class VideoPipeline:
         default_cfg = p.stream_guidance_scale if mode == "stream" else p.guidance_scale
         guidance = default_cfg if params.guidance_scale is None else float(params.guidance_scale)
         if not math.isfinite(guidance) or not 0.0 <= guidance <= 20.0:
-            raise InvalidParams("guidance_scale", f"{guidance!r}", "0..20")
+            raise InvalidParams("guidance_scale", f"{guidance!r}", "0..20 (1 or less: no guidance)")
         if not isinstance(params.seed, int) or not 0 <= params.seed < 2**63:
             raise InvalidParams("seed", f"{params.seed!r}", "integer 0..2**63-1")
         return GenerationParams(

@@ -58,7 +58,8 @@ class GenerateRequest(_RequestChecks):
     frames: int | None = Field(None, ge=1, le=MAX_FRAMES, description="Frame count of the form 4k+1.")
     fps: int | None = Field(None, ge=1, le=60, description="Frames per second of the output video.")
     steps: int | None = Field(None, ge=1, le=200, description="Denoising steps (per block for streams).")
-    guidance_scale: float | None = Field(None, ge=0.0, le=20.0, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0,
+                                        description="Classifier-free guidance scale; 1 or less: no guidance.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Same seed and parameters give the same video.")
     mode: Mode | None = Field(None, description="clip (bidirectional models) or stream (block-causal models).")
     model: str | None = Field(None, min_length=1, max_length=200, description="A served model (GET /models).")
