@@ -56,7 +56,6 @@ class TextEncoder:
         self.model.to(device=device, dtype=dtype)
         return self
 
-    @torch.no_grad()
     def _texts(self, prompts: list[str], with_instruction: bool | None) -> tuple[list[str], int]:
         """The texts the tokenizer reads and the number of tokens it keeps of each (the rest is cut off)."""
         texts = [p.lower().strip() for p in prompts]
@@ -77,6 +76,7 @@ class TextEncoder:
         n = len(self.tokenizer.encode(text))
         return (n, total) if n > total else None
 
+    @torch.no_grad()
     def encode(self, prompts: list[str], with_instruction: bool | None = None):
         device = self.model.device
         max_len = self.max_sequence_length

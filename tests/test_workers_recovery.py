@@ -170,3 +170,69 @@ def test_a_worker_stopped_twice_mid_job_hands_the_job_on(stack, services):
     assert worker_pid(stack, job_id) != first.pid
     assert len(decode_mp4(stack.client.get(f"/jobs/{job_id}/video").content)) == 201
     assert not list(services.output_dir.glob(f"{job_id}*.partial"))
+
+
+def test_a_stopped_worker_acts_only_for_its_own_attempt(services, tmp_path, monkeypatch):
+    """on_job_failure for a worker stopped mid-job (SystemExit): it re-queues the job and drops the partial file of
+    the attempt that worker ran, and leaves alone an attempt that took the job from it while it was stalled."""
+    import types
+    import uuid
+
+    import redis as redis_lib
+    from server.settings import get_settings
+    from workers import jobs
+    from workers.output import partial_path
+
+    monkeypatch.setenv("SANA_OUTPUT_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    r = redis_lib.Redis.from_url(services.redis.url)
+    try:
+        for mine, expected in ((1, "running"), (2, "queued")):  # the record's attempt is 2
+            job_id = uuid.uuid4().hex
+            r.hset(jobs.job_key(job_id), mapping={"id": job_id, "status": "running", "attempt": 2, "worker": "w-b"})
+            partial_path(tmp_path, job_id, 2).write_bytes(b"attempt 2")
+            job = types.SimpleNamespace(id=job_id, retries_left=1, sana_attempt=mine)
+            jobs.on_job_failure(job, r, SystemExit, SystemExit(), None)
+            record = jobs.read_job(r, job_id)
+            assert record["status"] == expected and record["attempt"] == 2
+            assert partial_path(tmp_path, job_id, 2).exists() == (mine == 1)
+            assert getattr(job, "requeue_on_stop", False) == (mine == 2)
+    finally:
+        r.close()
+        get_settings.cache_clear()
+
+
+def test_only_the_owning_attempt_names_the_video(services, tmp_path, monkeypatch):
+    import uuid
+
+    import redis as redis_lib
+    from server.settings import get_settings
+    from workers import jobs
+    from workers.output import JobOutput, video_path
+
+    monkeypatch.setenv("SANA_OUTPUT_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    r = redis_lib.Redis.from_url(services.redis.url)
+    try:
+        job_id = uuid.uuid4().hex
+        r.hset(jobs.job_key(job_id), mapping={"id": job_id, "status": "running", "attempt": 1})
+        a = JobOutput(r, job_id, 1, get_settings())
+        a.begin({"frames_total": 1}, b"init-a")
+        a.chunk({"index": 0, "start_frame": 0, "frames": 1}, b"chunk-a")
+        jobs.start_attempt(r, job_id)  # a was taken for lost: attempt 2 runs the job now
+        b = JobOutput(r, job_id, 2, get_settings())
+        b.begin({"frames_total": 1}, b"init-b")
+        with pytest.raises(jobs.AttemptSuperseded):
+            a.chunk({"index": 1, "start_frame": 1, "frames": 1}, b"late-a")
+        video_path(tmp_path, job_id).write_bytes(b"left by a stale attempt")  # named, then it lost the job
+        b.chunk({"index": 0, "start_frame": 0, "frames": 1}, b"chunk-b")
+        assert b.finish(b"tail-b") == video_path(tmp_path, job_id)
+        with pytest.raises(jobs.AttemptSuperseded):
+            a.finish(b"tail-a")
+        a.discard()
+        assert video_path(tmp_path, job_id).read_bytes() == b"init-bchunk-btail-b"
+        assert [e["attempt"] for e in map(json.loads, r.lrange(jobs.chunks_key(job_id), 0, -1))] == [2]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"{job_id}.mp4"]
+    finally:
+        r.close()
+        get_settings.cache_clear()

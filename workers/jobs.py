@@ -334,29 +334,33 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
 
     We mirror that in the record and tell viewers.
     """
-    from workers.output import partial_paths
+    from workers.output import partial_path, partial_paths
 
     stopped = exc_type is not None and issubclass(exc_type, (SystemExit, KeyboardInterrupt))
     if exc_type is None or not (stopped or issubclass(exc_type, AbandonedJobError)):
         return
     settings = get_settings()
     record = read_job(connection, job.id)
-    if record is None or (stopped and record["status"] != JobStatus.RUNNING):
+    if record is None:
         return
     worker = record.get("worker", "?")
     attempt = record.get("attempt", 0)
+    # A stopped worker acts only for its own attempt: one that had stalled and lost the job must leave the attempt
+    # that runs it now alone.
+    if stopped and (record["status"] != JobStatus.RUNNING or getattr(job, "sana_attempt", None) != attempt):
+        return
     what = "was stopped" if stopped else "stopped responding"
     if job.retries_left and job.retries_left > 0:
-        job.requeue_on_stop = stopped
         note = f"worker {worker} {what} during attempt {attempt}; the job was re-queued"
-        moved, _ = transition(connection, job.id, {JobStatus.RUNNING}, JobStatus.QUEUED, requeued=note)
+        moved, _ = transition(connection, job.id, {JobStatus.RUNNING}, JobStatus.QUEUED, attempt=attempt,
+                              requeued=note)
+        job.requeue_on_stop = stopped and moved  # RQ re-enqueues it only when our record did go back to queued
         if moved:
             publish_event(connection, job.id, {"type": "status", "status": JobStatus.QUEUED, "attempt": attempt,
                                                "reason": note}, maxlen=settings.stream_maxlen)
             # The lost attempt's file (should that worker only have stalled, it writes on to an unlinked file and
             # stops at its next write: it no longer owns the job).
-            for path in partial_paths(settings.output_dir, job.id):
-                path.unlink(missing_ok=True)
+            partial_path(settings.output_dir, job.id, attempt).unlink(missing_ok=True)
         return
     # The dead worker could not clean up after itself; no half-written file stays behind.
     for path in partial_paths(settings.output_dir, job.id):
@@ -368,7 +372,7 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
     }
     end_job(connection, job.id, JobStatus.FAILED, allowed={JobStatus.RUNNING, JobStatus.QUEUED},
             event={"type": "error", "status": JobStatus.FAILED, "attempt": attempt, "error": error},
-            settings=settings, error=json.dumps(error))
+            settings=settings, attempt=attempt, error=json.dumps(error))
 
 
 def requeue_abandoned(r: redis.Redis, models: list[str]) -> None:

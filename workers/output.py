@@ -173,12 +173,31 @@ class JobOutput:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        if not jobs.owns(self.r, self.job_id, self.attempt):
-            raise jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} no longer owns it")
-        os.replace(self.partial, self.final)
+        self._publish_file()
+        record = {"tail": tail, "bytes": self.bytes}
         jobs.write_as_attempt(self.r, self.job_id, self.attempt,
-                              lambda pipe: pipe.hset(jobs.job_key(self.job_id), mapping={"tail": tail, "bytes": self.bytes}))
+                              lambda pipe: pipe.hset(jobs.job_key(self.job_id), mapping=record))
         return self.final
+
+    def _publish_file(self) -> None:
+        """Give the partial file the video's name, unless another attempt took the job meanwhile. A hard link does
+        not replace an existing video: one there now was named by an attempt that owned the job before this one
+        (and lost it before it could end the job), so the owner replaces it, anyone else stops."""
+        superseded = jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} no longer owns it")
+        if not jobs.owns(self.r, self.job_id, self.attempt):
+            raise superseded
+        try:
+            os.link(self.partial, self.final)
+        except FileExistsError:
+            if not jobs.owns(self.r, self.job_id, self.attempt):
+                raise superseded from None
+            os.replace(self.partial, self.final)
+        except FileNotFoundError:  # the lost-worker clean-up removed our file: the job went on without us
+            raise superseded from None
+        except OSError:  # a filesystem without hard links
+            os.replace(self.partial, self.final)
+        else:
+            self.partial.unlink()
 
     def discard(self) -> None:
         """Drop the partial file (failed or cancelled attempt)."""

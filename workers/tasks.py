@@ -133,11 +133,13 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
 def generate_video(job_id: str, model: str, params: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point: run job ``job_id`` on this worker's engine. Returns a short summary for RQ's result."""
     engine = current_engine()
-    r = get_current_job().connection
+    job = get_current_job()
+    r = job.connection
     attempt = jobs.start_attempt(r, job_id, worker=engine.worker_name, device=engine.device,
                                  started_at=time.time())
     if attempt is None:  # cancelled (or ended) between the dequeue and now
         return {"status": "skipped"}
+    job.sana_attempt = attempt  # for on_job_failure, should this worker be stopped in the middle of the attempt
     log.info("job %s: attempt %d on %s", job_id, attempt, engine.worker_name)
     return JobRun(engine, r, job_id, attempt, get_settings()).run(params)
 
@@ -230,7 +232,8 @@ class JobRun:
         params = self.pipe.resolve(GenerationParams(**{k: v for k, v in raw_params.items() if k in names}))
         plan = self.pipe.plan(params)
         self.mode = params.mode or self.mode
-        self.r.hset(jobs.job_key(self.job_id), mapping={"params": json.dumps(params.to_dict())})
+        jobs.write_as_attempt(self.r, self.job_id, self.attempt, lambda pipe: pipe.hset(
+            jobs.job_key(self.job_id), mapping={"params": json.dumps(params.to_dict())}))
 
         encoder = FragmentedMP4Encoder(params.width, params.height, params.fps)
         start = {
@@ -251,7 +254,8 @@ class JobRun:
             frames_done += chunk.num_frames
             if first_chunk_s is None:
                 first_chunk_s = now - t0
-                self.r.hset(jobs.job_key(self.job_id), "first_chunk_at", time.time())
+                jobs.write_as_attempt(self.r, self.job_id, self.attempt, lambda pipe: pipe.hset(
+                    jobs.job_key(self.job_id), "first_chunk_at", time.time()))
             metrics.BLOCK_DURATION.labels(self.model, self.mode).observe(now - self.t_chunk)
             self.t_chunk = now
             metrics.BLOCK_STATE.labels(self.model).set(self.pipe.last_state_bytes)
