@@ -2,7 +2,7 @@
 
 Every fragmented-MP4 segment is written once and the same bytes go three ways, in this order:
 
-1. appended to ``<output_dir>/<id>.<attempt>.mp4.partial`` (renamed to ``<id>.mp4`` when the job succeeds, deleted
+1. appended to ``<output_dir>/<id>.<attempt>.mp4.partial`` (named ``<id>.mp4`` when the job succeeds, deleted
    when it fails or is cancelled: a finished name is always a complete file);
 2. recorded in the chunk table ``sana:job:<id>:chunks`` (the chunk event plus its byte offset in the file),
    so a viewer who falls behind the stream's bounded retention reads the chunk from the file instead;
@@ -54,8 +54,7 @@ _OUTPUT_NAME = re.compile(r"^([0-9a-f]{32})(\.\d+)?\.mp4(\.partial)?$")
 
 def sweep_expired(r: redis.Redis, output_dir: Path, ttl_s: float, now: float | None = None) -> list[Path]:
     """Delete the output files whose job has expired: ``<id>.mp4`` (or a ``<id>.<attempt>.mp4.partial`` a lost attempt
-    left) with no
-    job record left in Redis and not written for ``ttl_s`` seconds. Returns the deleted paths.
+    left) with no job record left in Redis and not written for ``ttl_s`` seconds. Returns the deleted paths.
 
     A finished file is last written when its job ends, and the record lives ``ttl_s`` (SANA_RESULT_TTL_S) from then
     on, so a video goes when its record does (the ``expires_at`` the API shows). Both conditions must hold: a file
