@@ -68,8 +68,9 @@ class RotaryPosEmbed(nn.Module):
 
     def forward(self, frames: int, height: int, width: int, frame_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [1, N, 1, d] for post-patch sizes; frames start at ``frame_offset``."""
-        if max(frame_offset + frames, height, width) > self.freqs_cos.shape[0]:
-            self._grow(max(frame_offset + frames, height, width))
+        needed = max(frame_offset + frames, height, width)
+        if needed > self.freqs_cos.shape[0]:
+            self._grow(needed)
         split = [self.t_dim, self.h_dim, self.w_dim]
         out = []
         for table in (self.freqs_cos, self.freqs_sin):

@@ -152,11 +152,18 @@ class AttemptSuperseded(Exception):
     """This attempt no longer owns its job: the worker was taken for lost (it stopped heartbeating, e.g. paused or cut
     off from Redis) and the job was re-queued or ended meanwhile. The attempt must stop and write nothing shared."""
 
+    def __init__(self, job_id: str, attempt: int, detail: str = ""):
+        super().__init__(f"attempt {attempt} of job {job_id} no longer owns it{detail}")
+
+
+def is_owner(status: bytes | None, current: bytes | None, attempt: int) -> bool:
+    """Whether a record with ``status`` and attempt ``current`` (raw HMGET values) is run by ``attempt``."""
+    return status == b"running" and current is not None and int(current) == attempt
+
 
 def owns(r: redis.Redis | redis.client.Pipeline, job_id: str, attempt: int) -> bool:
     """Whether ``attempt`` is still the running attempt of the job."""
-    status, current = r.hmget(job_key(job_id), "status", "attempt")
-    return status == b"running" and current is not None and int(current) == attempt
+    return is_owner(*r.hmget(job_key(job_id), "status", "attempt"), attempt)
 
 
 def write_as_attempt(r: redis.Redis, job_id: str, attempt: int, queue_writes) -> None:
@@ -168,7 +175,7 @@ def write_as_attempt(r: redis.Redis, job_id: str, attempt: int, queue_writes) ->
             try:
                 pipe.watch(key)
                 if not owns(pipe, job_id, attempt):
-                    raise AttemptSuperseded(f"attempt {attempt} of job {job_id} no longer owns it")
+                    raise AttemptSuperseded(job_id, attempt)
                 pipe.multi()
                 queue_writes(pipe)
                 pipe.execute()

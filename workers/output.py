@@ -182,7 +182,7 @@ class JobOutput:
         """Give the partial file the video's name, unless another attempt took the job meanwhile. A hard link does
         not replace an existing video: one there now was named by an attempt that owned the job before this one
         (and lost it before it could end the job), so the owner replaces it, anyone else stops."""
-        superseded = jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} no longer owns it")
+        superseded = jobs.AttemptSuperseded(self.job_id, self.attempt)
         if not jobs.owns(self.r, self.job_id, self.attempt):
             raise superseded
         try:

@@ -168,11 +168,11 @@ class JobRun:
             pipe.exists(jobs.cancel_key(self.job_id))
             pipe.hmget(jobs.job_key(self.job_id), "status", "attempt")
             cancelled, (status, attempt) = pipe.execute()
-        if status != b"running" or attempt is None or int(attempt) != self.attempt:
+        if not jobs.is_owner(status, attempt, self.attempt):
             if status is None or status == b"cancelled":  # a cancel ended it meanwhile: the usual path
                 return True
-            raise jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} no longer owns it "
-                                         f"(now: {status.decode()}, attempt {int(attempt or 0)})")
+            raise jobs.AttemptSuperseded(self.job_id, self.attempt,
+                                         f" (now: {status.decode()}, attempt {int(attempt or 0)})")
         return bool(cancelled)
 
     def on_progress(self, p: Progress) -> None:
@@ -272,7 +272,7 @@ class JobRun:
                 "frames": frames_done, "bytes": self.output.bytes, "tail_bytes": len(tail)}
         if not self._end(JobStatus.SUCCEEDED, done, data=tail, t0=t0, first_chunk_s=first_chunk_s,
                          video=path.name, progress=json.dumps(final_progress)):
-            raise jobs.AttemptSuperseded(f"attempt {self.attempt} of job {self.job_id} ended after it lost the job")
+            raise jobs.AttemptSuperseded(self.job_id, self.attempt, " (it lost the job before it could end it)")
         log.info("job %s: succeeded, %d frames in %.2fs -> %s", self.job_id, frames_done, wall, path)
         return {"status": JobStatus.SUCCEEDED, "video": path.name, "frames": frames_done}
 
