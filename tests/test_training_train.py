@@ -216,7 +216,7 @@ def test_decoder_finetune_keeps_the_encoder_and_writes_every_folder(resumed_run,
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "training.decoder", "--model", str(folders[0]), "--also",
                            str(folders[1]), "--frames", "9", "--batch", "1", "--max-steps", "2", "--val-clips", "1",
-                           "--device", "cpu", "--force", "--report", str(report)],
+                           "--check-frames", "13", "--device", "cpu", "--force", "--report", str(report)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = [load_file(f / "vae" / "diffusion_pytorch_model.safetensors") for f in folders]
@@ -228,6 +228,11 @@ def test_decoder_finetune_keeps_the_encoder_and_writes_every_folder(resumed_run,
     assert json.loads((folders[0] / "vae" / "config.json").read_text())["latents_std"] == config_before["latents_std"]
     result = json.loads(report.read_text())
     assert result["steps"] == 2 and result["written"] == [str(f) for f in folders]
+    # The stream check decoded one 13-frame clip (1 + 3 latent frames: 1 + 12 frames) block by block, before and after.
+    for key in ("stream_round_trip_before", "stream_round_trip_after"):
+        check = result[key]
+        assert check["clips"] == 1 and check["frames"] == 13 and check["blocks"] >= 1
+        assert 0 <= check["colour_right_blocks"] <= check["blocks"]
     assert not (folders[0] / "vae.tmp").exists() and not (folders[0] / "vae.old").exists()
     pipe = VideoPipeline.from_pretrained(str(folders[0]), device="cpu")
     chunks = list(pipe.generate(GenerationParams(prompt="a red circle moving left on a blue background", frames=5,
@@ -237,7 +242,9 @@ def test_decoder_finetune_keeps_the_encoder_and_writes_every_folder(resumed_run,
 
 def test_decoder_finetune_checks_its_arguments(tmp_path):
     for argv, message in ((["--model", str(tmp_path), "--frames", "9"], "not a pipeline folder"),
-                          (["--model", str(ROOT / "engine" / "weights" / "demo"), "--frames", "10"], "4k+1")):
+                          (["--model", str(ROOT / "engine" / "weights" / "demo"), "--frames", "10"], "4k+1"),
+                          (["--model", str(ROOT / "engine" / "weights" / "demo"), "--check-frames", "12"],
+                           "--check-frames must be 4k+1")):
         proc = subprocess.run([sys.executable, "-m", "training.decoder", *argv], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
