@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Query, WebSocket
+from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
@@ -62,8 +62,8 @@ async def _deny(websocket: WebSocket, status: int, detail: str) -> None:
 
 
 @router.websocket("/jobs/{job_id}/stream")
-async def stream_job(websocket: WebSocket, job_id: str,
-                     from_chunk: int = Query(0, ge=0, description="First chunk index to send.")):
+async def stream_job(websocket: WebSocket, job_id: str):
+    """Query: ``from_chunk`` (first chunk index to send, default 0), ``access_token`` (instead of the header)."""
     settings: Settings = websocket.app.state.settings
     ar: aioredis.Redis = websocket.app.state.aredis
     header = websocket.headers.get("authorization", "")
@@ -71,6 +71,12 @@ async def stream_job(websocket: WebSocket, job_id: str,
     owner = authenticate(settings, token or websocket.query_params.get("access_token"))
     if owner is None:
         await _deny(websocket, 401, "missing or invalid API key")
+        return
+    # Checked here, not as a typed Query: a failed check there refuses the handshake with a bare 403.
+    raw = websocket.query_params.get("from_chunk", "0")
+    from_chunk = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else -1
+    if from_chunk < 0:
+        await _deny(websocket, 422, f"from_chunk: {raw!r} is not a chunk index (accepted: an integer >= 0)")
         return
     job_owner = await ar.hget(jobs.job_key(job_id), "owner")  # None: no such job
     if job_owner is None or job_owner.decode() != owner:
@@ -182,6 +188,12 @@ class Viewer:
         try:
             await self._run()
         except ChunkUnavailable as exc:
+            # A cancelled or failed attempt deletes its file: a viewer behind it (a replay of a long stream whose
+            # early chunks left the stream) gets how the job ended, not a missing byte range.
+            record = await self.record()
+            if record is not None and record["status"] in TERMINAL and record["status"] != JobStatus.SUCCEEDED:
+                await self.finish_from_record(record)
+                return
             await self.send_event({"type": "error", "status": "unavailable",
                                    "error": {"type": "ChunkUnavailable", "message": str(exc)}})
 
