@@ -53,10 +53,14 @@ def admit(req: GenerateRequest, r: redis.Redis, settings: Settings) -> tuple[str
     limits: dict[str, Any] = dict(info.get("limits", {}))
     causal = info.get("causal")
     preset = get_preset(model)
+    # Sizes the checks below assume where the request leaves them out: a live worker's defaults fill the request
+    # itself; without one, the preset's (the worker fills the same when it runs the job).
+    assumed: dict[str, Any] = {}
     if not workers and preset is not None:
         causal = preset.causal
         limits = {"max_pixels": preset.max_pixels,
                   "frames": {"max": preset.max_frames if causal else preset.max_clip_frames}}
+        assumed = {"frames": preset.frames, "width": preset.width, "height": preset.height}
 
     params = req.model_dump(exclude={"model"})
     if params["mode"] is None and causal is not None:
@@ -72,7 +76,8 @@ def admit(req: GenerateRequest, r: redis.Redis, settings: Settings) -> tuple[str
         if mode == "clip" and causal:
             raise InvalidParams("mode", f"model {model} is block-causal and generates streams", "stream")
 
-    frames, width, height = params["frames"], params["width"], params["height"]
+    frames, width, height = (params[k] if params[k] is not None else assumed.get(k)
+                             for k in ("frames", "width", "height"))
     max_model_frames = limits.get("frames", {}).get("max")
     if frames is not None and max_model_frames is not None and frames > max_model_frames:
         raise InvalidParams("frames", f"{frames} is more than model {model} makes in {mode} mode",
