@@ -177,8 +177,11 @@ class JobRun:
 
     def on_progress(self, p: Progress) -> None:
         now = time.monotonic()
-        metrics.STEP_DURATION.labels(self.model, self.mode).observe(now - self.t_step)
-        self.t_step = now
+        last = self.last_progress
+        if last is None or (p.block, p.step) != (last.block, last.step):
+            # A step ended. Reports that repeat the step (a decoded chunk handed out) are not steps.
+            metrics.STEP_DURATION.labels(self.model, self.mode).observe(now - self.t_step)
+            self.t_step = now
         self.last_progress = p
         done = (p.block - 1) * p.steps_total + min(p.step, p.steps_total)
         total = p.blocks_total * p.steps_total
