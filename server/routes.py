@@ -137,6 +137,7 @@ def delete_job(job_id: str, r: RedisDep, settings: SettingsDep, owner: OwnerDep,
     return view
 
 
+@router.head("/jobs/{job_id}/video", include_in_schema=False)  # size and range support, probed before a download
 @router.get("/jobs/{job_id}/video", tags=["jobs"], response_class=FileResponse,
             responses={**_AUTH, **_NOT_FOUND, 200: {"content": {"video/mp4": {}}},
                        409: {"model": ErrorBody, "description": "Not finished (or did not succeed)."}})
@@ -207,6 +208,7 @@ def get_video_object(video_id: str, r: RedisDep, settings: SettingsDep, owner: O
     return video_object(owned_record(r, video_id, owner), settings)
 
 
+@router.head("/v1/videos/{video_id}/content", include_in_schema=False)
 @router.get("/v1/videos/{video_id}/content", tags=["openai"], response_class=FileResponse,
             responses={**_AUTH, **_NOT_FOUND, 200: {"content": {"video/mp4": {}}},
                        409: {"model": ErrorBody, "description": "Not finished (or did not succeed)."}})
