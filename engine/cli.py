@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,11 @@ def generate(
             _fail(f"--out {out} is a directory; expected a file path ending in .mp4")
         if not out.parent.exists():
             _fail(f"--out: folder {out.parent} does not exist")
+        try:  # before a model load that can take minutes: can a file be made there at all?
+            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".sana-write-check-"):
+                pass
+        except OSError as exc:
+            _fail(f"--out: cannot write a file in {out.parent} ({exc.strerror or exc})")
         from engine.fast import FAST_MODES, apply_fast_path
         from engine.pipeline import VideoPipeline
 
@@ -112,7 +118,7 @@ def models() -> None:
 @app.command()
 def api(
     host: Optional[str] = typer.Option(None, help="Bind address (default: SANA_HOST or 0.0.0.0)."),
-    port: Optional[int] = typer.Option(None, help="Port (default: SANA_PORT or 8000)."),
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="Port (default: SANA_PORT or 8000)."),
 ) -> None:
     """Run the HTTP/websocket API (jobs go to Redis; workers run them)."""
     from server.app import run_api
@@ -127,7 +133,8 @@ def worker(
     precision: Optional[str] = typer.Option(None, help="auto, torch, bf16, fp8 or nvfp4 (TensorRT precisions need --engine)."),
     engine_path: Optional[str] = typer.Option(None, "--engine", help="A TensorRT engine folder to run the transformer."),
     fast: Optional[str] = typer.Option(None, help="Fast path of a PyTorch denoiser: auto, on, off or fp8 (default: SANA_WORKER_FAST, else auto)."),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Port of this worker's /metrics (0 = off)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
+                                               help="Port of this worker's /metrics (0 = off)."),
     burst: bool = typer.Option(False, help="Exit when the queue is empty."),
 ) -> None:
     """Run a GPU worker: loads the engine once, then runs jobs from its model's queue."""
@@ -144,7 +151,7 @@ def worker(
 @app.command()
 def serve(
     host: Optional[str] = typer.Option(None, help="Bind address (default: SANA_HOST or 0.0.0.0)."),
-    port: Optional[int] = typer.Option(None, help="Port (default: SANA_PORT or 8000)."),
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="Port (default: SANA_PORT or 8000)."),
     model: Optional[str] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
 ) -> None:

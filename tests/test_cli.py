@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,29 @@ def test_damaged_checkpoint_exit_2(tmp_path, damage, message):
 def test_out_folder_missing_exit_2(tmp_path):
     result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--out", str(tmp_path / "nope" / "v.mp4")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_out_under_a_file_or_unwritable_folder_exit_2(tmp_path):
+    (tmp_path / "o.txt").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    cases = [tmp_path / "o.txt" / "v.mp4"]
+    if os.geteuid() != 0:  # root writes anywhere; /proc refuses new files even to root
+        cases.append(locked / "v.mp4")
+    cases.append(Path("/proc/v.mp4"))
+    for out in cases:
+        result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--out", str(out)])
+        assert result.exit_code == 2 and "--out" in result.output, (out, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "o.txt", locked])  # no probe file left behind
+
+
+@pytest.mark.timeout(60)  # a port that passes the check starts the server, which would not return
+@pytest.mark.parametrize("command", ["api", "serve"])
+@pytest.mark.parametrize("port", ["0", "65536", "-5"])
+def test_port_out_of_range_exit_2(command, port):
+    result = runner.invoke(app, [command, "--port", port])
+    assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output
 
 
 def test_unknown_option_exit_2():
