@@ -8,6 +8,7 @@ files.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 
 import httpx
@@ -92,6 +93,12 @@ def test_clip_job_progresses_succeeds_and_downloads(stack, services):
     part = client.get(body["video_url"], headers={"Range": "bytes=100-299"})
     assert part.status_code == 206 and part.content == video.content[100:300]
     assert part.headers["content-range"] == f"bytes 100-299/{len(video.content)}"
+    # Download managers and players probe with HEAD first: the size and range support, no body.
+    for url in (body["video_url"], f"/v1/videos/{job_id}/content"):
+        head = client.head(url)
+        assert head.status_code == 200 and head.content == b"", url
+        assert int(head.headers["content-length"]) == len(video.content)
+        assert head.headers["accept-ranges"] == "bytes" and head.headers["content-type"] == "video/mp4"
 
 
 def test_eta_is_reported_while_running(stack):
@@ -139,6 +146,20 @@ def test_unknown_fields_and_bad_json_are_422(stack):
     assert r.status_code == 422
 
 
+def test_bad_from_chunk_is_refused_naming_the_field(stack):
+    from websockets.exceptions import InvalidStatus
+
+    job_id = submit(stack.client, frames=5, width=32, height=32, steps=2)
+    for bad in ("-1", "abc", "1.5", "9" * 40):
+        with pytest.raises(InvalidStatus) as info:
+            read_stream(stack.url, job_id, from_chunk=bad)
+        response = info.value.response
+        assert response.status_code == 422, bad
+        assert "from_chunk" in json.loads(response.body)["detail"] and ">= 0" in json.loads(response.body)["detail"]
+    assert wait_job(stack.client, job_id)["status"] == "succeeded"
+    assert read_stream(stack.url, job_id, from_chunk="0")[-1][0]["type"] == "done"
+
+
 def test_unknown_job_is_404_everywhere(stack):
     from websockets.exceptions import InvalidStatus
 
@@ -174,6 +195,10 @@ def test_server_limits_answer_429_and_503_with_retry_after(stack, services):
         assert full.status_code == 503 and full.headers["retry-after"] == "7"
         assert "queue" in full.json()["detail"]
         assert client.get("/readyz").status_code == 503  # no worker for its default model
+        # Without a worker, a size the request leaves out is the preset's (480x832, 81 frames) for the checks too.
+        for body, field in (({"width": 4096}, "width"), ({"height": 4096}, "width"), ({"width": 64}, "frames")):
+            r = client.post("/generate", json={"prompt": "a cat", **body})
+            assert r.status_code in (422, 429) and r.json()["detail"][0]["field"] == field, (body, r.text)
         for o in ok:
             assert client.delete(f"/jobs/{o.json()['id']}").status_code == 200
 
@@ -274,6 +299,26 @@ def test_stream_over_websocket_with_reconnect_and_replay(stack, services):
     assert len(decode_mp4(b"".join(d for e, d in late if d is not None))) == 12
 
 
+def test_replay_of_a_cancelled_long_stream_ends_with_cancelled(stack, services):
+    """A cancelled attempt deletes its partial file. A replay from chunk 0 finds the early chunks neither in the
+    trimmed stream nor on disk: the viewer must get how the job ended, not an "unavailable" byte range."""
+    client = stack.client
+    job_id = submit(client, model="tiny-causal", frames=2001, width=64, height=64, steps=2, seed=9)
+    read_stream(stack.url, job_id, stop=lambda e: e["type"] == "chunk" and e["index"] == 5)
+    assert client.delete(f"/jobs/{job_id}").status_code in (200, 202)
+    assert wait_job(client, job_id)["status"] == "cancelled"
+    r = services.redis.client()
+    kept = [json.loads(f[b"event"]) for _, f in r.xrange(f"sana:job:{job_id}:stream") if f[b"type"] == b"chunk"]
+    r.close()
+    assert kept and min(e["index"] for e in kept) > 0  # the replay has a gap to fill before these
+    assert not list(services.output_dir.glob(f"{job_id}*"))
+
+    replay = read_stream(stack.url, job_id)
+    assert [e["type"] for e, _ in replay if e["type"] == "error"] == []
+    assert replay[-1][0]["type"] == "done" and replay[-1][0]["status"] == "cancelled"
+    assert "cancelled" in replay[-1][0]["error"]["message"]
+
+
 def test_many_viewers_of_one_stream_get_the_same_bytes(stack):
     job_id = submit(stack.client, model="tiny-causal", frames=49, width=64, height=64, seed=5)
     results: list[bytes] = [b""] * 6
@@ -325,6 +370,19 @@ def test_hundred_concurrent_submissions_all_finish(stack):
     metrics = stack.client.get("/metrics").text
     submitted = [line for line in metrics.splitlines() if line.startswith('sana_jobs_submitted_total{model="tiny"}')]
     assert submitted and float(submitted[0].split()[-1]) >= 100
+
+
+def test_step_histogram_counts_steps_not_decoded_chunks(stack):
+    """A clip of 33 frames in 4 steps is decoded in 3 chunks, each reported as progress: 4 steps are observed."""
+    def steps_seen() -> float:
+        text = httpx.get(stack.worker_metrics).text
+        return metric_value(text, "sana_worker_step_duration_seconds_count", model="tiny", mode="clip") or 0.0
+
+    before = steps_seen()
+    job_id = submit(stack.client, frames=33, width=64, height=64, steps=4)
+    assert wait_job(stack.client, job_id)["status"] == "succeeded"
+    assert stack.client.get(f"/jobs/{job_id}").json()["chunks"] == 3
+    assert steps_seen() - before == 4
 
 
 def test_metrics_of_api_and_worker(stack):
