@@ -124,6 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if accepted:
                 item["accepted"] = accepted
             detail.append(item)
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            # Not JSON at all: the body, not a field, is wrong (the error's loc is a character offset).
+            detail = [{"loc": ["body"], "msg": "the body is not valid JSON", "type": "json_invalid", "field": "body",
+                       "accepted": "a UTF-8 JSON object"}]
+            return JSONResponse(status_code=400, content={"detail": detail})
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(InvalidParams)
