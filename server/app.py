@@ -87,6 +87,37 @@ def _field_error(field: str, message: str, accepted: str | None, loc_root: str =
     return {"loc": [loc_root, field], "msg": message, "type": "value_error", "field": field, "accepted": accepted}
 
 
+class BodyLimit:
+    """ASGI middleware: request bodies over ``limit`` bytes get 413 naming the limit, refused on their
+    Content-Length before a byte is read, or as soon as a chunked body passes the limit (nothing is buffered)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _error(self) -> dict:
+        return {"detail": [{"loc": ["body"], "msg": f"the request body is over {self.limit} bytes",
+                            "type": "too_large", "field": "body", "accepted": f"at most {self.limit} bytes"}]}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await JSONResponse(status_code=413, content=self._error())(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # FastAPI re-raises HTTPExceptions from body reading as they are
+                    raise StarletteHTTPException(413, self._error()["detail"])
+            return message
+
+        return await self.app(scope, limited, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -96,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics)
     app.include_router(routes.router)
     app.include_router(stream.router)

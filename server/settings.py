@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_frames: int = Field(8001, ge=1, description="Largest number of frames one request may ask for.")
     max_pixels: int = Field(1280 * 720, ge=256, description="Largest width x height one request may ask for.")
     max_queue: int = Field(1000, ge=1, description="Queued jobs per model beyond which submissions get 503.")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request body in bytes; larger ones get 413 before they are read."
+    )
     retry_after_s: int = Field(10, ge=1, description="Retry-After seconds sent with 429 and 503 answers.")
     stream_maxlen: int = Field(
         512,

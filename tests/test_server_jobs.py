@@ -161,6 +161,23 @@ def test_bad_from_chunk_is_refused_naming_the_field(stack):
     assert read_stream(stack.url, job_id, from_chunk="0")[-1][0]["type"] == "done"
 
 
+def test_oversized_bodies_get_413_before_they_are_read(stack):
+    big = b'{"prompt": "' + b"a" * (2 << 20) + b'"}'
+    r = stack.client.post("/generate", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["detail"][0]["accepted"] == "at most 1048576 bytes", r.text
+
+    def chunked():  # no Content-Length: refused once the bytes pass the limit
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield b"a" * (64 << 10)
+        yield b'"}'
+
+    r = stack.client.post("/v1/videos", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["detail"][0]["field"] == "body", r.text
+    small = submit(stack.client, prompt="a small red circle", frames=5, width=32, height=32, steps=2)
+    assert wait_job(stack.client, small)["status"] == "succeeded"
+
+
 def test_unknown_job_is_404_everywhere(stack):
     from websockets.exceptions import InvalidStatus
 
