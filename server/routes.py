@@ -42,6 +42,7 @@ _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job (or another 
 _AUTH = {401: {"model": ErrorBody, "description": "Missing or wrong API key."}}
 _LIMITS = {
     400: {"model": ErrorBody, "description": "The body could not be parsed (not UTF-8 JSON)."},
+    413: {"model": ErrorBody, "description": "The body is over SANA_MAX_BODY_BYTES."},
     429: {"model": ErrorBody, "description": "Over a server limit (frames, pixels); see Retry-After."},
     503: {"model": ErrorBody, "description": "Queue full or Redis unreachable; see Retry-After."},
 }
