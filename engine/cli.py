@@ -29,6 +29,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _check_settings() -> None:
+    """The server and worker settings (SANA_* variables, REDIS_URL) parse, or exit 2 naming the variable."""
+    from pydantic import ValidationError
+
+    from server.settings import get_settings
+
+    try:
+        get_settings()
+    except ValidationError as exc:
+        bad = [f"SANA_{str(e['loc'][0]).upper() if e['loc'] else '?'}={e.get('input')!r}: {e['msg']}"
+               for e in exc.errors()]
+        _fail("invalid setting: " + "; ".join(bad))
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="What the video shows."),
@@ -121,6 +135,7 @@ def api(
     port: Optional[int] = typer.Option(None, min=1, max=65535, help="Port (default: SANA_PORT or 8000)."),
 ) -> None:
     """Run the HTTP/websocket API (jobs go to Redis; workers run them)."""
+    _check_settings()
     from server.app import run_api
 
     run_api(host=host, port=port)
@@ -138,6 +153,7 @@ def worker(
     burst: bool = typer.Option(False, help="Exit when the queue is empty."),
 ) -> None:
     """Run a GPU worker: loads the engine once, then runs jobs from its model's queue."""
+    _check_settings()
     from engine.errors import EngineError
     from workers.worker import run_worker
 
@@ -156,6 +172,7 @@ def serve(
     device: Optional[str] = typer.Option(None),
 ) -> None:
     """API and one worker in one command, for a single box."""
+    _check_settings()
     from server.serve import run_serve
 
     run_serve(host=host, port=port, model=model, device=device)

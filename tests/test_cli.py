@@ -142,6 +142,27 @@ def test_port_out_of_range_exit_2(command, port):
     assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output
 
 
+@pytest.mark.timeout(120)
+def test_bad_settings_and_a_taken_metrics_port_exit_2():
+    """A malformed SANA_* variable names itself; a worker whose /metrics port is taken says so (no tracebacks)."""
+    import socket
+
+    env = dict(os.environ, SANA_MAX_FRAMES="abc")
+    for command in (["api"], ["worker", "--model", "tiny"], ["serve"]):
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", *command], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and "SANA_MAX_FRAMES='abc'" in proc.stderr, (command, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--model", "tiny", "--device", "cpu",
+                               "--metrics-port", str(port)], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, REDIS_URL="redis://127.0.0.1:1/0"))
+    assert proc.returncode == 2 and f"port {port}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_unknown_option_exit_2():
     result = runner.invoke(app, ["generate", "--prompt", "a", "--frobnicate", "1"])
     assert result.exit_code == 2

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from engine.errors import InvalidParams
+
 # Step latencies span ~10 ms (tiny model on CPU) to tens of seconds (720p clip, CFG, one GPU).
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BLOCK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -41,6 +43,10 @@ LAST_HEARTBEAT = Gauge("sana_worker_last_heartbeat_timestamp_seconds", "Unix tim
 
 
 def serve_metrics(port: int) -> None:
-    """Serve /metrics on ``port`` in a background thread (no-op for 0)."""
+    """Serve /metrics on ``port`` in a background thread (no-op for 0); InvalidParams when the port is taken."""
     if port:
-        start_http_server(port)
+        try:
+            start_http_server(port)
+        except OSError as exc:
+            raise InvalidParams("metrics_port", f"cannot serve /metrics on port {port}: {exc.strerror or exc}",
+                                "a free port, or 0 for none (--metrics-port, SANA_WORKER_METRICS_PORT)") from None
