@@ -63,9 +63,15 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate a video and write it as H.264 MP4 (streams are written block by block as they are made)."""
+    import signal
+
     from engine.errors import EngineError
     from engine.types import GenerationParams
 
+    def _terminated(signum, frame):  # docker stop, systemd, timeout: unwind as Ctrl-C does (the partial goes)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminated)
     model = model or default_model()
     try:
         if out.exists() and out.is_dir():

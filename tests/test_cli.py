@@ -163,6 +163,38 @@ def test_bad_settings_and_a_taken_metrics_port_exit_2():
     assert proc.returncode == 2 and f"port {port}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_worker_on_a_cuda_device_without_cuda_exit_2():
+    for device in ("cuda", "cuda:7"):
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--model", "tiny", "--device", device,
+                               "--metrics-port", "0", "--burst"], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, REDIS_URL="redis://127.0.0.1:1/0"))
+        assert proc.returncode == 2 and "CUDA is not available" in proc.stderr, (device, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_mid_stream_leaves_the_old_file_and_no_partial(tmp_path):
+    """docker stop, systemd and timeout send SIGTERM: the run unwinds as Ctrl-C does."""
+    import signal
+    import time
+
+    out = tmp_path / "keep.mp4"
+    out.write_bytes(b"the earlier video")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "generate", "--model", "tiny-causal", "--prompt", "a",
+                             "--frames", "2001", "--width", "64", "--height", "64", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "keep.mp4.partial"
+    deadline = time.monotonic() + 240
+    while not (partial.exists() and partial.stat().st_size > 0) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    assert partial.exists(), "the stream never started writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert out.read_bytes() == b"the earlier video" and not partial.exists()
+
+
 def test_unknown_option_exit_2():
     result = runner.invoke(app, ["generate", "--prompt", "a", "--frobnicate", "1"])
     assert result.exit_code == 2

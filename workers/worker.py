@@ -142,7 +142,12 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
     engine_path = engine_path or settings.worker_engine
     device = pick_device(device or settings.worker_device)
     if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))  # pin this process to one GPU
+        from engine.loading import check_device
+
+        # Pin this process to one GPU: a bare "cuda" is the first one visible. DeviceError (exit 2) where there is
+        # no CUDA or no such GPU, before set_device fails with a traceback.
+        device = f"cuda:{check_device(device, None).index or 0}"
+        torch.cuda.set_device(torch.device(device))
     name = f"{socket.gethostname()}-{os.getpid()}"
 
     # /metrics answers while the model loads (container healthchecks); the heartbeat gauge starts after.
