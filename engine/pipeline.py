@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class VideoPipeline:
         self.fast_vae = False
         # Streams on CUDA: decode each block on a side CUDA stream while the next one is denoised (DecodeQueue).
         self.overlap_decode = True
+        # One transformer forward at a time: a commit keeps per-layer sums on the modules between two calls, and
+        # CUDA graphs replay into shared buffers, so generations in several threads take turns step by step.
+        self._forward_lock = threading.Lock()
 
     @property
     def causal(self) -> bool:
@@ -330,7 +334,8 @@ class VideoPipeline:
         batch = 2 if cfg else 1
         inp = torch.cat([x] * batch).to(self.dtype)
         timestep = torch.full((batch,), float(t), device=self.device)
-        v = self.transformer(inp, emb, timestep, mask, **kw).float()
+        with self._forward_lock:
+            v = self.transformer(inp, emb, timestep, mask, **kw).float()
         if cfg:
             uncond, cond = v.chunk(2)
             v = uncond + guidance * (cond - uncond)
