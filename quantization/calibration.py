@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from engine.errors import InvalidParams
 from engine.types import GenerationParams
 from quantization.errors import QuantizationError
@@ -52,7 +54,16 @@ class CalibrationSettings:
 
 
 def default_prompts(pipe) -> tuple[str, ...]:
-    return TINY_PROMPTS if pipe.preset.name.startswith("tiny") else DEFAULT_PROMPTS
+    name = Path(pipe.preset.name).name
+    if name.startswith("tiny"):
+        return TINY_PROMPTS
+    if name.startswith("demo"):
+        # The demo models read 16 words of their own vocabulary: captions of training combinations (the held-out
+        # ones stay out of calibration, since they score the quantized model).
+        from training import data
+
+        return tuple(c.prompt for c in data.sample_cases(12, torch.Generator().manual_seed(0), "train"))
+    return DEFAULT_PROMPTS
 
 
 def read_prompts(source: str | Path | Sequence[str] | None, pipe) -> tuple[str, ...]:

@@ -71,11 +71,15 @@ def cli_quantize(model: str, precision: str, out: str | Path, calib_prompts: str
 
 
 def _check_settings(pipe, settings: CalibrationSettings) -> None:
-    try:
-        pipe.resolve(GenerationParams(prompt=settings.prompts[0], steps=settings.steps, frames=settings.frames,
-                                      height=settings.height, width=settings.width))
-    except InvalidParams as exc:
-        raise QuantizationError(f"calibration settings rejected by the model: {exc}") from exc
+    """Every calibration run is checked before the first one starts (a prompt too long for the text encoder would
+    otherwise fail after hours of calibration)."""
+    for i, prompt in enumerate(settings.prompts, 1):
+        try:
+            pipe.resolve(GenerationParams(prompt=prompt, steps=settings.steps, frames=settings.frames,
+                                          height=settings.height, width=settings.width))
+        except InvalidParams as exc:
+            raise QuantizationError(f"calibration settings rejected by the model (prompt {i}: {prompt!r}): {exc}") \
+                from exc
 
 
 def prepare_engine_onnx(model: str | Path, precision: str, height: int, width: int, frames: int, folder: str | Path,

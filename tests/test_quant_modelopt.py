@@ -106,6 +106,16 @@ def test_cli_quantize_rejects_bad_input_and_leaves_no_partial_folder(tmp_path):
         cli_quantize("tiny", "fp8", tmp_path / "b", calib_prompts=empty, device="cpu")
     with pytest.raises(QuantizationError, match="cannot read"):
         cli_quantize("tiny", "fp8", tmp_path / "b", calib_prompts=tmp_path / "missing.txt", device="cpu")
+    # Every prompt is checked before calibration starts: the third is longer than tiny's text encoder reads.
+    long_third = tmp_path / "long.txt"
+    long_third.write_text("a red ball moving left\na blue square\n" + "red " * 100 + "\n")
+    logged: list[str] = []
+    with pytest.raises(QuantizationError, match="prompt 3"):
+        cli_quantize("tiny", "fp8", tmp_path / "b", calib_prompts=long_third, device="cpu", steps=1, frames=5,
+                     policy=POLICY, log=logged.append)
+    assert not any("prompt 1" in m or "calibrat" in m.lower() for m in logged), logged
+    assert not (tmp_path / "b").exists()
+    long_third.unlink()
     with pytest.raises(UnknownModel):
         cli_quantize("no-such-model", "fp8", tmp_path / "b")
     # The default policy keeps both blocks of the two-block tiny model: nothing to quantize.
@@ -120,3 +130,17 @@ def test_quant_config_is_plain_json(quantized):
     folder, _ = quantized["fp8"]
     data = json.loads((folder / QUANT_CONFIG).read_text())
     assert data["base_model"] == "tiny" and data["precision"] == "fp8" and data["causal"] is False
+
+
+def test_default_calibration_prompts_fit_every_local_model():
+    """The demo models read 16 words of their own vocabulary: their default prompts are training captions."""
+    from engine.pipeline import VideoPipeline
+    from engine.types import GenerationParams
+    from quantization.calibration import default_prompts
+
+    for model in ("tiny", "tiny-causal", "demo", "demo-causal"):
+        pipe = VideoPipeline.from_pretrained(model, device="cpu")
+        prompts = default_prompts(pipe)
+        assert len(prompts) >= 4
+        for prompt in prompts:
+            pipe.resolve(GenerationParams(prompt=prompt))  # raises InvalidParams when a prompt does not fit
