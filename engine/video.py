@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import struct
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
@@ -272,8 +273,9 @@ def _avc1_codec_string(init: bytes) -> str:
 class Mp4FileWriter:
     """Stream frames to an MP4 file chunk by chunk; use as a context manager.
 
-    Writes to ``<path>.partial`` and renames it to ``path`` on a clean exit; on an exception the partial
-    file is deleted, so ``path`` only ever holds a complete video.
+    Writes to ``<path>.<8 hex digits>.partial`` (its own name: two writers of one path never share a file) and
+    renames it to ``path`` on a clean exit; on an exception the partial file is deleted, so ``path`` only ever holds
+    a complete video (the last writer's, when several write it).
 
     ``fragmented=True``: the bytes of ``FragmentedMP4Encoder`` (init + one segment per ``write``), flushed to
     the partial file after every chunk, so it can be read while it grows; memory stays flat whatever the length.
@@ -294,7 +296,7 @@ class Mp4FileWriter:
     ):
         _check_video_params(width, height, fps, crf, preset)
         self.path = Path(path)
-        self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.partial_path = self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}.partial")
         self.width, self.height, self.fps = int(width), int(height), int(fps)
         self.fragmented = fragmented
         self.frames_written = 0
