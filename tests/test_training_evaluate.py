@@ -128,3 +128,20 @@ def test_block_round_trip_equals_decoding_whole_clips_and_sees_a_broken_decoder(
     bad = round_trip_blocks(vae, cases[:2], frames=33, block_latent_frames=4, seed=7, batch=2)
     assert bad["mean_error_first_block"] == pytest.approx(result["mean_error_first_block"], abs=1.0)
     assert bad["mean_error_later_blocks"] > 30 and bad["colour_right_blocks"] <= 2
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "nope"], "unknown model"),
+    (["--model", "tiny", "--frames", "2"], "4k+1"),
+    (["--model", "tiny", "--device", "foo"], "unsupported device"),
+    (["--model", "tiny", "--dtype", "int8"], "unknown dtype"),
+    (["--model", "tiny", "--batch", "0"], "--batch 0"),
+    (["--model", "tiny", "--backgrounds", "0"], "--backgrounds 0"),
+    (["--model", "tiny", "--out", "/proc/report.json"], "cannot write"),
+])
+def test_bad_arguments_exit_2_with_one_message(argv, says, capsys):
+    from training.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err

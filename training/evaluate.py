@@ -22,6 +22,7 @@ import json
 import math
 import platform
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,11 +406,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.vae_frames and (args.vae_frames < 1 or (args.vae_frames - 1) % 4):
         p.error(f"--vae-frames {args.vae_frames}: expected 4k+1 frames (e.g. 65)")
-    report = evaluate_model(args.model, args.device, args.dtype, args.backgrounds, args.seeds, args.frames,
-                            args.steps, args.guidance_scale, args.batch, args.stream_seconds, args.vae_frames)
+    for name in ("backgrounds", "seeds", "batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: expected at least 1")
+    if args.stream_seconds < 0:
+        p.error(f"--stream-seconds {args.stream_seconds}: expected 0 (none) or more")
+    if args.out:  # before minutes of evaluation: can the report be written there?
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=Path(args.out).parent, prefix=".evaluate-write-check-"):
+                pass
+        except OSError as exc:
+            p.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+    from engine.errors import EngineError
+
+    try:
+        report = evaluate_model(args.model, args.device, args.dtype, args.backgrounds, args.seeds, args.frames,
+                                args.steps, args.guidance_scale, args.batch, args.stream_seconds, args.vae_frames)
+    except EngineError as exc:  # unknown model, device, dtype, frames, steps, guidance: one message, exit 2
+        p.error(str(exc))
     text = json.dumps(report, indent=1)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     summary = (f"{args.model}: colour {report['colour_accuracy']:.3f}, motion {report['motion_accuracy']:.3f} on "
                f"{report['clips']} held-out clips (ground truth {report['ground_truth']['colour_accuracy']:.3f}/"
