@@ -111,8 +111,12 @@ def test_an_exhausted_budget_still_exports(resumed_run, tmp_path):
 def test_overrides_are_checked():
     cfg = apply_overrides(Config(), ["causal_batch=32", "clip_lengths=[9, 13]", "sweep=false"])
     assert (cfg.causal_batch, cfg.clip_lengths, cfg.sweep) == (32, (9, 13), False)
-    with pytest.raises(SystemExit, match="expected FIELD=VALUE"):
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
         apply_overrides(Config(), ["no_such_field=1"])
+    for bad in ("causal_batch=abc", "causal_batch=1.5", "sweep=1", "clip_lengths=9", "lr=fast"):
+        with pytest.raises(ValueError, match="takes a"):
+            apply_overrides(Config(), [bad])
+    assert apply_overrides(Config(), ["lr=1"]).lr == 1.0  # an int where a float goes is fine
 
 
 def test_weighted_state_weighs_committed_blocks():
@@ -198,7 +202,14 @@ def test_init_from_is_checked(tmp_path, capsys):
 
     for argv, message in ((["--init-from", str(tmp_path)], "not a pipeline folder"),
                           (["--init-from", str(ROOT / "engine" / "weights" / "demo"), "--resume"],
-                           "--init-from starts a new run")):
+                           "--init-from starts a new run"),
+                          (["--phase-minutes", "a,b,c"], "expected three numbers"),
+                          (["--phase-minutes", "1,2"], "one number >= 0 per phase"),
+                          (["--budget-minutes", "-1"], "--budget-minutes -1"),
+                          (["--max-steps", "-1"], "--max-steps -1"),
+                          (["--device", "foo"], "unsupported device"),
+                          (["--set", "foo=1"], "expected FIELD=VALUE"),
+                          (["--set", "causal_batch=abc"], "causal_batch takes a int")):
         with pytest.raises(SystemExit) as exc:
             parse_args(["--out", str(tmp_path), *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -1052,28 +1052,63 @@ def parse_args(argv=None):
     if missing:
         p.error(f"--init-from: not a pipeline folder (no model_index.json): {', '.join(missing)}")
     if args.phase_minutes:
-        args.phase_minutes = [float(x) for x in args.phase_minutes.split(",")]
-        if len(args.phase_minutes) != len(PHASES):
-            p.error("--phase-minutes needs one number per phase: vae,clip,causal")
+        try:
+            args.phase_minutes = [float(x) for x in args.phase_minutes.split(",")]
+        except ValueError:
+            p.error(f"--phase-minutes {args.phase_minutes!r}: expected three numbers, e.g. 5,1.5,1.5")
+        if len(args.phase_minutes) != len(PHASES) or min(args.phase_minutes) < 0:
+            p.error("--phase-minutes needs one number >= 0 per phase: vae,clip,causal")
+    for name in ("budget_minutes", "max_steps", "checkpoint_seconds", "val_seconds", "log_seconds"):
+        if getattr(args, name) < 0 or (name == "budget_minutes" and args.budget_minutes == 0):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a number above 0"
+                    + (" (or 0 for time only)" if name == "max_steps" else ""))
+    if args.device is not None:
+        from engine.errors import DeviceError
+        from engine.loading import check_device
+
+        try:
+            check_device(args.device, None)
+        except DeviceError as exc:
+            p.error(f"--device: {exc}")
+    try:
+        apply_overrides(Config(), args.set)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.smoke and not args.max_steps:
         args.max_steps = 3
     return args
 
 
 def apply_overrides(cfg: Config, items: list[str]) -> Config:
-    """``FIELD=VALUE`` pairs parsed as JSON (falling back to the string), checked against Config's fields."""
+    """``FIELD=VALUE`` pairs parsed as JSON (falling back to the string), checked against Config's fields and the
+    type of their defaults; ValueError names the item."""
     fields = {f.name for f in dataclasses.fields(Config)}
     changes = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields or key == "transformer":
             names = ", ".join(sorted(fields - {"transformer"}))
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {names}")
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {names}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        changes[key] = tuple(parsed) if isinstance(parsed, list) and isinstance(getattr(cfg, key), tuple) else parsed
+        default = getattr(cfg, key)
+        number = isinstance(parsed, (int, float)) and not isinstance(parsed, bool)
+        if isinstance(default, bool):
+            ok = isinstance(parsed, bool)
+        elif isinstance(default, int):
+            ok = number and float(parsed).is_integer()
+            parsed = int(parsed) if ok else parsed
+        elif isinstance(default, float):
+            ok, parsed = number, float(parsed) if number else parsed
+        elif isinstance(default, tuple):
+            ok, parsed = isinstance(parsed, list), tuple(parsed) if isinstance(parsed, list) else parsed
+        else:
+            ok = default is None or isinstance(parsed, type(default))
+        if not ok:
+            raise ValueError(f"--set {item!r}: {key} takes a {type(default).__name__} (now {default!r})")
+        changes[key] = parsed
     return dataclasses.replace(cfg, **changes)
 
 
