@@ -69,7 +69,7 @@ def import_tensorrt():
     except ImportError as exc:
         raise TensorRTUnavailable(
             f"TensorRT is not installed ({exc}): use the GPU worker image (docker/Dockerfile.worker), or install "
-            "TensorRT 10/11 from NVIDIA for this CUDA version; --precision torch runs without it"
+            "TensorRT 10/11 from NVIDIA for this CUDA version (a worker runs without it: --precision torch)"
         ) from exc
     return tensorrt
 
