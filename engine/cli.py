@@ -76,6 +76,8 @@ def generate(
     try:
         if out.exists() and out.is_dir():
             _fail(f"--out {out} is a directory; expected a file path ending in .mp4")
+        if out.suffix.lower() != ".mp4":  # the file is H.264 in MP4 whatever its name says
+            _fail(f"--out {out}: the video is written as MP4 (accepted: a path ending in .mp4)")
         if not out.parent.exists():
             _fail(f"--out: folder {out.parent} does not exist")
         try:  # before a model load that can take minutes: can a file be made there at all?

@@ -114,6 +114,13 @@ def test_damaged_checkpoint_exit_2(tmp_path, damage, message):
     assert not out.exists()
 
 
+def test_out_that_is_not_mp4_exit_2(tmp_path):
+    for name in ("v.avi", "v.webm", "video"):
+        result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--out", str(tmp_path / name)])
+        assert result.exit_code == 2 and "ending in .mp4" in result.output, (name, result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_folder_missing_exit_2(tmp_path):
     result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--out", str(tmp_path / "nope" / "v.mp4")])
     assert result.exit_code == 2 and "does not exist" in result.output
