@@ -193,15 +193,21 @@ def quantize(
     out: Path = typer.Option(..., help="Output folder (new or empty)."),
     calib_prompts: Optional[Path] = typer.Option(None, "--calib-prompts", help="Text file, one calibration prompt a line."),
     device: Optional[str] = typer.Option(None),
+    keep_first_blocks: int = typer.Option(1, "--keep-first-blocks", min=0,
+                                          help="Transformer blocks left unquantized at the start (0 for 2-block models)."),
+    keep_last_blocks: int = typer.Option(1, "--keep-last-blocks", min=0,
+                                         help="Transformer blocks left unquantized at the end."),
 ) -> None:
     """Quantize the transformer with NVIDIA ModelOpt (calibrated on real denoising runs)."""
     from engine.errors import EngineError
 
     try:
         from quantization import cli_quantize
+        from quantization.policy import LayerPolicy
 
+        policy = LayerPolicy(keep_first_blocks=keep_first_blocks, keep_last_blocks=keep_last_blocks)
         summary = cli_quantize(model=model, precision=precision, out=out, calib_prompts=calib_prompts, device=device,
-                               log=_log)
+                               policy=policy, log=_log)
     except (EngineError, ValueError) as exc:
         _fail(str(exc))
     _print_summary(summary)

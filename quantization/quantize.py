@@ -52,7 +52,8 @@ def quantize_transformer(model: SanaVideoTransformer, precision: str, forward_lo
     plan = policy.plan(model)
     names = quantized_names(plan)
     if not names:
-        raise QuantizationError("the layer policy leaves no linear layer to quantize (keep fewer blocks or patterns)")
+        raise QuantizationError("the layer policy leaves no linear layer to quantize (keep fewer blocks: "
+                                "--keep-first-blocks, --keep-last-blocks; or fewer name patterns)")
     mtq.quantize(model, modelopt_config(plan, precision), forward_loop=forward_loop)
     recipe = extract_recipe(model)
     missing = sorted(set(names) - set(recipe))

@@ -144,3 +144,22 @@ def test_default_calibration_prompts_fit_every_local_model():
         assert len(prompts) >= 4
         for prompt in prompts:
             pipe.resolve(GenerationParams(prompt=prompt))  # raises InvalidParams when a prompt does not fit
+
+
+def test_quantize_command_on_a_two_block_model_needs_and_takes_the_keep_options(tmp_path):
+    """The default policy keeps the first and the last block: nothing is left of tiny's two, and the message says
+    which options change that; with both at 0 the command quantizes it."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    runner = CliRunner()
+    base = ["quantize", "--model", "tiny", "--precision", "fp8", "--device", "cpu"]
+    refused = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2 and "--keep-first-blocks" in refused.output, refused.output
+    done = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--keep-first-blocks", "0",
+                               "--keep-last-blocks", "0"])
+    assert done.exit_code == 0, done.output
+    config = read_quant_config(tmp_path / "b")
+    assert config["precision"] == "fp8" and config["policy"]["keep_first_blocks"] == 0
+    assert any(d["quantize"] for d in config["layers"].values())
