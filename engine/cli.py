@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -80,11 +79,11 @@ def generate(
             _fail(f"--out {out}: the video is written as MP4 (accepted: a path ending in .mp4)")
         if not out.parent.exists():
             _fail(f"--out: folder {out.parent} does not exist")
-        try:  # before a model load that can take minutes: can a file be made there at all?
-            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".sana-write-check-"):
-                pass
-        except OSError as exc:
-            _fail(f"--out: cannot write a file in {out.parent} ({exc.strerror or exc})")
+        from engine.loading import unwritable_folder
+
+        reason = unwritable_folder(out.parent)  # before a model load that can take minutes
+        if reason is not None:
+            _fail(f"--out: cannot write a file in {out.parent} ({reason})")
         from engine.fast import FAST_MODES, apply_fast_path
         from engine.pipeline import VideoPipeline
 

@@ -85,12 +85,26 @@ def _transformer_folder(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: expected config.json or transformer/config.json (diffusers format)")
 
 
+def read_json(path: Path, what: str = "malformed"):
+    """The JSON in ``path``; CheckpointError ``"<path>: <what> (<reason>)"`` when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: {what} ({exc})") from exc
+
+
+def unwritable_folder(folder: Path) -> str | None:
+    """Why no file can be made in ``folder`` (probed with a throw-away file), or None when one can."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sana-write-check-"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def read_transformer_config(folder: Path) -> tuple[TransformerConfig, bool]:
     path = folder / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable config ({exc})") from exc
+    data = read_json(path, "unreadable config")
     cls = data.get("_class_name", BIDIRECTIONAL_CLASS)
     if cls not in (BIDIRECTIONAL_CLASS, CAUSAL_CLASS):
         raise CheckpointError(f"{path}: _class_name {cls!r}, expected {BIDIRECTIONAL_CLASS} or {CAUSAL_CLASS}")

@@ -28,6 +28,7 @@ from engine.loading import (
     check_saveable,
     load_transformer,
     parse_dtype,
+    read_json,
     resolve_folder,
     save_transformer,
 )
@@ -156,7 +157,7 @@ class VideoPipeline:
         base = preset or PRESETS["sana-video-480p-longlive" if transformer.causal else "sana-video-480p"]
         overrides = {}
         if (folder / PRESET_FILE).exists():
-            overrides = _read_json(folder / PRESET_FILE)
+            overrides = read_json(folder / PRESET_FILE)
             known = {f.name for f in dataclasses.fields(ModelPreset)} - {"name", "causal", "source"}
             unknown = sorted(set(overrides) - known) if isinstance(overrides, dict) else ["(not an object)"]
             if unknown:
@@ -179,7 +180,7 @@ class VideoPipeline:
             )
         sched = default_scheduler_config(preset)
         if (folder / "scheduler" / "scheduler_config.json").exists():
-            sched = _read_json(folder / "scheduler" / "scheduler_config.json")
+            sched = read_json(folder / "scheduler" / "scheduler_config.json")
         text = TextEncoder(tokenizer, encoder, preset.max_sequence_length, preset.use_instruction)
         return cls._assemble(name, preset, transformer, vae, text, sched, dev, dtype)
 
@@ -507,13 +508,6 @@ class DecodeQueue:
         # A copy: a consumer that keeps its chunks must not keep page-locked memory (a minute at 480p is 1.1 GiB);
         # the pinned buffer goes back to PyTorch's cache for the next block.
         return index, host.numpy().copy()
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: malformed ({exc})") from exc
 
 
 def _component_class(folder: Path, component: str) -> str | None:

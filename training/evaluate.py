@@ -22,7 +22,6 @@ import json
 import math
 import platform
 import resource
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,12 +411,15 @@ def main(argv=None) -> int:
     if args.stream_seconds < 0:
         p.error(f"--stream-seconds {args.stream_seconds}: expected 0 (none) or more")
     if args.out:  # before minutes of evaluation: can the report be written there?
+        from engine.loading import unwritable_folder
+
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=Path(args.out).parent, prefix=".evaluate-write-check-"):
-                pass
+            reason = unwritable_folder(Path(args.out).parent)
         except OSError as exc:
-            p.error(f"--out {args.out}: cannot write there ({exc.strerror or exc})")
+            reason = exc.strerror or str(exc)
+        if reason is not None:
+            p.error(f"--out {args.out}: cannot write there ({reason})")
     from engine.errors import EngineError
 
     try:
