@@ -110,6 +110,13 @@ def _check(vae, clips: int, frames: int, seed: int) -> dict:
                               "mean_error_first_block", "mean_error_later_blocks")}
 
 
+def _train_decoder(vae) -> None:
+    """Training mode for the decoder side; the frozen encoder and quant_conv stay in eval mode."""
+    vae.train()
+    vae.encoder.eval()
+    vae.quant_conv.eval()
+
+
 def stored_dtype(folder: Path) -> torch.dtype:
     """The dtype the VAE weights of a pipeline folder are stored in (the shipped demo folders: bf16)."""
     from safetensors import safe_open
@@ -142,10 +149,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     dtype = stored_dtype(Path(args.model))
     vae = AutoencoderKLWan.from_pretrained(Path(args.model, "vae")).to(device).float()
-    vae.train()
     for module in (vae.encoder, vae.quant_conv):
         module.requires_grad_(False)
-        module.eval()
+    _train_decoder(vae)
     params = [p for p in vae.parameters() if p.requires_grad]
     frozen = {k: v.detach().clone() for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -155,8 +161,7 @@ def main(argv=None) -> int:
     print(f"validation before: {before}", flush=True)
     vae.eval()
     check_before = _check(vae, args.val_clips, args.check_frames, 20_000) if args.check_frames else None
-    vae.train()
-    vae.encoder.eval()
+    _train_decoder(vae)
     if check_before:
         print(f"stream round trip before: {check_before}", flush=True)
     start, step, losses = time.monotonic(), 0, []
