@@ -38,6 +38,19 @@ def test_held_out_combinations_never_reach_training_but_their_parts_do():
     assert {(c.colour, c.shape, c.motion) for c in cases} == set(data.HELD_OUT)
 
 
+
+def test_focus_cases_keep_to_their_colours_and_never_reach_held_out_combinations():
+    cases = data.sample_focus_cases(400, torch.Generator().manual_seed(3), ("red", "white"), "white")
+    assert {c.colour for c in cases} == {"red", "white"}
+    assert not {(c.colour, c.shape, c.motion) for c in cases} & set(data.HELD_OUT)
+    red = [c for c in cases if c.colour == "red"]
+    on_white = sum(c.background == "white" for c in red) / len(red)
+    assert 0.5 < on_white < 0.75  # half of them by choice, the rest a fifth of the time by chance
+    assert all(c.background != "white" for c in cases if c.colour == "white")  # never on its own colour
+    for colours, background in ((("red", "pink"), "white"), (("red",), "beige"), ((), "white")):
+        with pytest.raises(ValueError, match="expected object colours"):
+            data.sample_focus_cases(1, torch.Generator(), colours, background)
+
 def test_render_draws_the_named_colours_and_shapes():
     cases = [data.Case("red", "circle", "left", "blue"), data.Case("yellow", "square", "up", "black"),
              data.Case("white", "triangle", "bouncing", "gray")]

@@ -117,6 +117,12 @@ def test_overrides_are_checked():
         with pytest.raises(ValueError, match="takes a"):
             apply_overrides(Config(), [bad])
     assert apply_overrides(Config(), ["lr=1"]).lr == 1.0  # an int where a float goes is fine
+    cfg = apply_overrides(Config(), ["focus_share=0.5", 'focus_colours=["red", "green"]'])
+    assert (cfg.focus_share, cfg.focus_colours) == (0.5, ("red", "green"))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        apply_overrides(Config(), ["focus_share=1.5"])
+    with pytest.raises(ValueError, match="expected object colours"):
+        apply_overrides(Config(), ["focus_share=0.5", 'focus_colours=["red", "teal"]'])
 
 
 def test_weighted_state_weighs_committed_blocks():

@@ -142,6 +142,28 @@ def sample_cases(n: int, generator: torch.Generator, split: str = "train") -> li
     return out
 
 
+def sample_focus_cases(n: int, generator: torch.Generator, colours: tuple[str, ...], background: str | None,
+                       split: str = "train") -> list[Case]:
+    """``n`` random cases of ``split`` whose object has one of ``colours``; half of them on ``background`` (where the
+    colour allows it), the rest on any allowed background. Training draws a share of its clips this way to practise
+    the distinctions a model gets wrong (red against green on white, say) more often than uniform sampling would."""
+    unknown = [c for c in colours if c not in OBJECT_COLOURS] + (
+        [background] if background is not None and background not in BACKGROUND_COLOURS else [])
+    if unknown or not colours:
+        raise ValueError(f"focus colours {list(colours)} / background {background!r}: expected object colours from "
+                         f"{', '.join(OBJECT_COLOURS)} and a background from {', '.join(BACKGROUND_COLOURS)}")
+    triples = [t for t in _triples(split) if t[0] in colours]
+    picks = torch.randint(len(triples), (n,), generator=generator, device=generator.device).tolist()
+    backs = torch.randint(2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
+    out = []
+    for i, (pick, back) in enumerate(zip(picks, backs)):
+        colour, shape, motion = triples[pick]
+        options = backgrounds_for(colour)
+        chosen = background if i % 2 == 0 and background in options else options[back % len(options)]
+        out.append(Case(colour, shape, motion, chosen))
+    return out
+
+
 @dataclass
 class Scenes:
     """A batch of scenes: attribute indices (long [B]) and continuous parameters (float [B])."""

@@ -122,6 +122,11 @@ class Config:
     context_perturb: float = 0.5  # share of committed blocks that are perturbed
     context_noise: float = 0.2  # at most this much noise on a perturbed committed block
     history_scale: float = 10.0  # half the sequences weigh their committed blocks up to this much (long streams)
+    # Share of the transformer phases' fresh clips drawn from focus_colours only, half of those on focus_background
+    # (data.sample_focus_cases): more practice for the colours a model confuses. 0: uniform over training combinations.
+    focus_share: float = 0.0
+    focus_colours: tuple[str, ...] = ("red", "green", "orange", "blue")
+    focus_background: str = "white"
     causal_warmup_steps: int = 30
     ema_decay: float = 0.999
     pool_clips: int = 8192  # latent ring buffer (clip phase); the causal one holds half as many, 4x longer
@@ -220,12 +225,13 @@ class LatentPool:
     renders and encodes new clips over the oldest ones, ``sample`` draws a batch from what is filled."""
 
     def __init__(self, vae, tokenizer, size: int, latent_frames: int, max_len: int, device, generator,
-                 case_generator: torch.Generator, refresh_every: int):
+                 case_generator: torch.Generator, refresh_every: int, focus: tuple[float, tuple, str] = (0.0, (), "")):
         from engine.vae import latent_stats
 
         self.vae, self.tokenizer, self.max_len = vae, tokenizer, max_len
         self.size, self.latent_frames, self.device, self.generator = size, latent_frames, device, generator
         self.case_generator = case_generator  # on the CPU: captions are drawn without waiting for the device
+        self.focus_share, self.focus_colours, self.focus_background = focus
         self.frames = 1 + 4 * (latent_frames - 1)
         c = vae.config.z_dim
         s = data.SIZE // 8
@@ -248,7 +254,9 @@ class LatentPool:
         n = min(n, self.size)
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
-            cases = data.sample_cases(k, self.case_generator, "train")
+            n_focus = round(k * self.focus_share)
+            cases = data.sample_cases(k - n_focus, self.case_generator, "train") + data.sample_focus_cases(
+                n_focus, self.case_generator, self.focus_colours, self.focus_background)
             z = self.encode(data.render(data.scenes_for(cases, self.generator), self.frames))
             idx = (self.cursor + torch.arange(k, device=self.device)) % self.size
             self.latents[idx] = z.to(torch.bfloat16)
@@ -660,7 +668,7 @@ class Run:
         seed = self.args.seed + 11 + self.progress[phase]["steps"]
         self.pool = LatentPool(vae, self.tokenizer, size, frames, cfg.max_sequence_length, self.device,
                                torch.Generator(self.device).manual_seed(seed), torch.Generator().manual_seed(seed),
-                               cfg.pool_refresh_every)
+                               cfg.pool_refresh_every, (cfg.focus_share, cfg.focus_colours, cfg.focus_background))
         t0 = time.monotonic()
         self.pool.refresh(max(2 * cfg.pool_refresh, min(size, self.progress[phase]["batch"])))
         self.pool.next_refresh = self.progress[phase]["steps"] + self.pool.every
@@ -1109,7 +1117,12 @@ def apply_overrides(cfg: Config, items: list[str]) -> Config:
         if not ok:
             raise ValueError(f"--set {item!r}: {key} takes a {type(default).__name__} (now {default!r})")
         changes[key] = parsed
-    return dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(cfg, **changes)
+    if not 0.0 <= cfg.focus_share <= 1.0:
+        raise ValueError(f"--set focus_share={cfg.focus_share}: expected a share between 0 and 1")
+    if cfg.focus_share > 0:
+        data.sample_focus_cases(1, torch.Generator(), cfg.focus_colours, cfg.focus_background)  # names checked
+    return cfg
 
 
 def main(argv=None) -> int:
