@@ -39,14 +39,15 @@ from benchmarks.common import (
 RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "smoke": (5, 8, 12)}
 DEFAULT_CASES = {  # run in this order; errors against fp32 are filled in whenever the reference has run
     "480p": ["fp32_reference", "diffusers_fp32", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled",
-             "ours_fp8_compiled", "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph",
-             "ours_fp8_cudagraph"],
-    "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fp8_compiled", "fp32_reference"],
+             "ours_fast_compiled_triton_attention", "ours_fp8_compiled", "ours_reference_eager", "ours_fast_eager",
+             "ours_fast_cudagraph", "ours_fp8_cudagraph"],
+    "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fast_compiled_triton_attention",
+             "ours_fp8_compiled", "fp32_reference"],
 }
 # Rough seconds each case needs (compile included) on an H100, to skip what the budget cannot hold.
 NEEDS_S = {"fp32_reference": 15, "diffusers_fp32": 10, "diffusers_eager": 8, "diffusers_compiled": 50,
-           "ours_fast_compiled": 40, "ours_fp8_compiled": 40, "ours_reference_eager": 8, "ours_fast_eager": 8,
-           "ours_fast_cudagraph": 10, "ours_fp8_cudagraph": 10}
+           "ours_fast_compiled": 40, "ours_fast_compiled_triton_attention": 40, "ours_fp8_compiled": 40,
+           "ours_reference_eager": 8, "ours_fast_eager": 8, "ours_fast_cudagraph": 10, "ours_fp8_cudagraph": 10}
 
 
 def main(argv=None) -> int:
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
                 models[name] = clone_as(ours32, bf)
             elif name == "fast":
                 models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend)
+            elif name == "fast_triton":
+                models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend, attention="triton")
             elif name == "fp8":
                 models[name] = optimize(clone_as(ours32, bf), fp8=True, compile=True, compile_backend=backend)
             elif name == "fast_eager":
@@ -169,6 +172,9 @@ def main(argv=None) -> int:
         "diffusers_eager": timed("diffusers_eager", diffusers_call, "diffusers"),
         "diffusers_compiled": diffusers_compiled,
         "ours_fast_compiled": timed("ours_fast_compiled", lambda: model("fast")(xb, textb, t, mask), "fast"),
+        "ours_fast_compiled_triton_attention": timed(
+            "ours_fast_compiled_triton_attention", lambda: model("fast_triton")(xb, textb, t, mask), "fast_triton",
+            note="the linear attention as the two fused Triton kernels instead of pointwise work + cuBLAS GEMMs"),
         "ours_fp8_compiled": timed("ours_fp8_compiled", lambda: model("fp8")(xb, textb, t, mask), "fp8", "fp8"),
         "ours_reference_eager": timed("ours_reference_eager", lambda: model("ours")(xb, textb, t, mask), "ours"),
         "ours_fast_eager": timed("ours_fast_eager", lambda: model("fast_eager")(xb, textb, t, mask), "fast_eager",

@@ -2,8 +2,9 @@
 
 ``optimize(model)`` replaces every ``TransformerBlock`` by a ``FastBlock`` built from its weights:
 - q|k|v as one GEMM, the text's k|v as one GEMM;
-- ReLU linear attention through the fused Triton kernels (engine/kernels/linear_attention.py): RoPE, the S/z
-  accumulation and the normalisation in two passes over bf16 q, k, v, never an fp32 copy of them;
+- ReLU linear attention (engine/kernels/linear_attention.py): by default the RoPE rotation and the normalisation
+  fused by torch.compile into the pass that makes q and k, the products as strided cuBLAS batched GEMMs
+  (``attention="gemm"``); or the two fused Triton kernels (``attention="triton"``); never an fp32 copy of q, k, v;
 - the Mix-FFN on channels-last tokens: 1x1 convs as GEMMs, bias + SiLU + depthwise 3x3 + GLU gate in one kernel
   (engine/kernels/mixffn.py), the temporal (3,1) conv as one GEMM to three frame-shifted outputs summed with the
   residual in the next pointwise pass (no permutes, no padded copies);
@@ -36,6 +37,7 @@ from engine.vae import FastWanDecoder
 
 # What apply_fast_path accepts (server/settings.py's FastMode lists the same).
 FAST_MODES = ("auto", "on", "off", "fp8")
+ATTENTION_IMPLS = ("gemm", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,7 @@ class FastSettings:
     """What ``optimize`` did to a model (kept on it as ``model.fast_settings``)."""
 
     kernels: bool = True       # Triton kernels (else their PyTorch references, same restructured math)
+    attention: str = "gemm"    # linear attention: "gemm" (pointwise prologue + cuBLAS) or "triton" (fused kernels)
     fp8: bool = False          # scaled FP8 GEMMs for the block linears
     compile: bool = True       # regional torch.compile of each block's math
     compile_mode: str | None = None
@@ -77,10 +80,11 @@ class BlockCore(nn.Module):
     of the temporal conv's input ([B, C, 1, H*W], the state's layout).
     """
 
-    def __init__(self, block: TransformerBlock, fp8: bool, kernels: bool):
+    def __init__(self, block: TransformerBlock, fp8: bool, kernels: bool, attention: str = "gemm"):
         super().__init__()
         a1, a2, ff = block.attn1, block.attn2, block.ff
         self.kernels = kernels
+        self.attention = attention
         self.heads = a1.heads
         self.cross_heads = a2.heads
         self.scale_shift_table = block.scale_shift_table
@@ -111,14 +115,18 @@ class BlockCore(nn.Module):
     # -- parts -------------------------------------------------------------------------------------------------------
 
     def _attention_sums(self, k, v, cos, sin):
-        if self.kernels:
-            return torch.ops.sana.linear_attention_sums(k, v, cos, sin, self.heads)
-        return la.sums_reference(k, v, cos, sin, self.heads)
+        if not self.kernels:
+            return la.sums_reference(k, v, cos, sin, self.heads)
+        if self.attention == "gemm":
+            return la.sums_gemm(k, v, cos, sin, self.heads)
+        return torch.ops.sana.linear_attention_sums(k, v, cos, sin, self.heads)
 
     def _attend(self, q, cos, sin, S, z):
-        if self.kernels:
-            return torch.ops.sana.linear_attention_apply(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
-        return la.apply_reference(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
+        if not self.kernels:
+            return la.apply_reference(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
+        if self.attention == "gemm":
+            return la.apply_gemm(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
+        return torch.ops.sana.linear_attention_apply(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
 
     def self_attention(self, h, cos, sin, S_prev, z_prev, block_tokens):
         q, k, v = self.qkv(h).chunk(3, dim=-1)
@@ -229,9 +237,10 @@ class RopePairs:
 class FastBlock(nn.Module):
     """Drop-in for ``TransformerBlock`` (same forward signature); state I/O stays outside the compiled core."""
 
-    def __init__(self, block: TransformerBlock, fp8: bool = False, kernels: bool = True, rope_pairs=None):
+    def __init__(self, block: TransformerBlock, fp8: bool = False, kernels: bool = True, rope_pairs=None,
+                 attention: str = "gemm"):
         super().__init__()
-        self.core = BlockCore(block, fp8=fp8, kernels=kernels)
+        self.core = BlockCore(block, fp8=fp8, kernels=kernels, attention=attention)
         self.rope_pairs = rope_pairs if rope_pairs is not None else RopePairs()
 
     def forward(self, x, context, context_bias, temb, rope, grid, layer, state=None, commit=False, block_frames=None):
@@ -248,18 +257,24 @@ class FastBlock(nn.Module):
 
 
 def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = False, compile: bool = True,
-             compile_mode: str | None = None, compile_backend: str = "inductor") -> SanaVideoTransformer:
+             compile_mode: str | None = None, compile_backend: str = "inductor",
+             attention: str = "gemm") -> SanaVideoTransformer:
     """Make ``model`` fast in place and return it. Call after loading weights and moving to the device/dtype.
 
     ``kernels``: Triton kernels on CUDA (their PyTorch references elsewhere or when False). ``fp8``: scaled FP8
     GEMMs (needs an FP8 GPU, e.g. H100, for speed; runs anywhere ``torch._scaled_mm`` does). ``compile``: compile
     each block's math once per input shape (``dynamic=False``: one specialised graph per resolution bucket);
-    ``compile_mode``/``compile_backend`` go to ``torch.compile``.
+    ``compile_mode``/``compile_backend`` go to ``torch.compile``. ``attention``: how the linear attention runs
+    with ``kernels``: "gemm" (rotation and normalisation fused into the surrounding compiled pointwise passes, the
+    products as cuBLAS batched GEMMs; faster) or "triton" (the two fused Triton kernels).
     """
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention {attention!r} (accepted: {', '.join(ATTENTION_IMPLS)})")
     rope_pairs = RopePairs()
     for i, block in enumerate(model.transformer_blocks):
         if isinstance(block, TransformerBlock):
-            model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels, rope_pairs=rope_pairs)
+            model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels, rope_pairs=rope_pairs,
+                                                    attention=attention)
     # RoPE tables in fp32 whatever the weights' dtype: casting the model to bf16 rounds every cos/sin to 8 bits,
     # an error the kernels (which rotate in fp32) need not inherit. Rebuilt, since the cast already rounded them.
     cfg = model.config
@@ -267,8 +282,8 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
         model.rope = RotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).to(model.device)
     if compile:
         compile_blocks(model, mode=compile_mode, backend=compile_backend)
-    model.fast_settings = FastSettings(kernels=kernels, fp8=fp8, compile=compile, compile_mode=compile_mode,
-                                       compile_backend=compile_backend)
+    model.fast_settings = FastSettings(kernels=kernels, attention=attention, fp8=fp8, compile=compile,
+                                       compile_mode=compile_mode, compile_backend=compile_backend)
     return model
 
 

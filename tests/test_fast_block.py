@@ -55,15 +55,22 @@ def inputs(config, frames=4, h=6, w=8, batch=2, seed=1, device="cpu", dtype=torc
     return x.to(device, dtype), text.to(device, dtype), t.to(device), mask.to(device)
 
 
+@pytest.mark.parametrize("attention", ["gemm", "triton"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_clip_and_block_causal_equal_reference(name):
+def test_clip_and_block_causal_equal_reference(name, attention):
+    """Both linear-attention forms (on the CPU the custom ops run their PyTorch references) against the model."""
     config = CONFIGS[name]
-    ref, fast = models(config)
+    ref, fast = models(config, attention=attention)
     assert all(isinstance(b, FastBlock) for b in fast.transformer_blocks)
     x, text, t, mask = inputs(config)
     with torch.no_grad():
         assert rel_err(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
         assert rel_err(fast(x, text, t, mask, block_frames=[1, 3]), ref(x, text, t, mask, block_frames=[1, 3])) < 1e-5
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="accepted: gemm, triton"):
+        models(CONFIGS["tiny"], attention="flash")
 
 
 def test_converted_pointwise_convs_give_the_same_fast_model():
@@ -169,7 +176,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     config = dataclasses.replace(TINY_TRANSFORMER, num_layers=1)
     torch.manual_seed(0)
     ref = SanaVideoTransformer(config, causal=True).eval()
-    fast = optimize(copy.deepcopy(ref), compile=False)
+    fast = optimize(copy.deepcopy(ref), compile=False, attention="triton")  # the fused linear-attention kernels
     g = torch.Generator().manual_seed(1)
     x, text = torch.randn(1, 16, 2, 4, 6, generator=g), torch.randn(1, 5, 32, generator=g)
     t, mask = torch.tensor([500.0]), torch.ones(1, 5)
@@ -193,13 +200,15 @@ def test_fast_model_with_triton_kernels_in_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Triton kernels, inductor and CUDA graphs")
-def test_compiled_kernels_and_graphs_on_gpu():
+@pytest.mark.parametrize("attention", ["gemm", "triton"])
+def test_compiled_kernels_and_graphs_on_gpu(attention):
     config = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=64,
                                  num_cross_attention_heads=2, cross_attention_head_dim=64, cross_attention_dim=128,
                                  num_layers=2)
     torch.manual_seed(0)
     ref = SanaVideoTransformer(config, causal=True).eval().cuda()
-    fast = optimize(copy.deepcopy(ref).bfloat16(), compile=True)
+    fast = optimize(copy.deepcopy(ref).bfloat16(), compile=True, attention=attention)
+    assert fast.fast_settings.attention == attention
     x, text, t, mask = inputs(config, frames=5, h=10, w=14, device="cuda")
     with torch.no_grad():
         expected = ref(x, text, t, mask)

@@ -71,6 +71,26 @@ def test_custom_ops_registered_with_shapes():
     assert S.shape == (2, 2, 8, 8) and z.shape == (2, 2, 8) and out.shape == q.shape and out.dtype == q.dtype
 
 
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 24), (1, 50, 3, 112)])
+def test_gemm_formulation_equals_reference(shape):
+    """The fast path's default: rotation and normalisation as pointwise work, the products as batched GEMMs (on the
+    CPU through einsum; on CUDA through strided cuBLAS calls, in test_gemm_formulation_on_gpu)."""
+    B, N, heads, d = shape
+    q, k, v, cos, sin = make_inputs(B, N, heads, d)
+    qkv = torch.cat([q, k, v], dim=-1)
+    q, k, v = qkv.chunk(3, dim=-1)  # slices of a fused projection, as the model passes them
+    S0, z0 = la.sums_reference(k, v, cos, sin, heads)
+    S, z = la.sums_gemm(k, v, cos, sin, heads)
+    out0 = la.apply_reference(q, cos, sin, S0, z0)
+    out = la.apply_gemm(q, cos, sin, S0, z0)
+    assert rel_err(S, S0) < 1e-6 and rel_err(z, z0) < 1e-6 and rel_err(out, out0) < 1e-6
+    # 16-bit inputs: one more rounding than the reference (x = rot(q) / den), within a 16-bit step.
+    qh, kh, vh = (t.to(torch.float16) for t in (q, k, v))
+    S16, z16 = la.sums_gemm(kh, vh, cos, sin, heads)
+    out16 = la.apply_gemm(qh, cos, sin, S16, z16)
+    assert out16.dtype == torch.float16 and rel_err(out16, la.apply_reference(qh, cos, sin, S16, z16)) < 2e-3
+
 INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     from engine.kernels import linear_attention as la
@@ -120,3 +140,23 @@ def test_triton_kernels_on_gpu(shape):
     assert rel_err(S32, S0) < 1e-5
     out32 = la.linear_attention_apply(q.float(), cos, sin, S0, z0, impl="triton")
     assert rel_err(out32, out0) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the strided cuBLAS batched GEMMs")
+@pytest.mark.parametrize("shape", [(2, 1000, 2, 112), (1, 4097, 20, 112), (2, 300, 3, 24)])
+def test_gemm_formulation_on_gpu(shape):
+    B, N, heads, d = shape
+    q, k, v, cos, sin = make_inputs(B, N, heads, d, dtype=torch.bfloat16, device="cuda")
+    qkv = torch.cat([q, k, v], dim=-1)
+    q, k, v = qkv.chunk(3, dim=-1)
+    S0, z0 = la.sums_reference(k.float(), v.float(), cos, sin, heads)
+    out0 = la.apply_reference(q.float(), cos, sin, S0, z0)
+    S, z = la.sums_gemm(k, v, cos, sin, heads)
+    out = la.apply_gemm(q, cos, sin, S0, z0)
+    # bf16: the rotations rounded as the reference rounds them; S rounded to bf16 for the apply product.
+    assert rel_err(S, S0) < 5e-3 and rel_err(z, z0) < 1e-5 and rel_err(out, out0) < 1e-2
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    S32, z32 = la.sums_gemm(k.float(), v.float(), cos, sin, heads)
+    assert rel_err(S32, S0) < 1e-5
+    assert rel_err(la.apply_gemm(q.float(), cos, sin, S0, z0), out0) < 1e-5

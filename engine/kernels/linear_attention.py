@@ -32,11 +32,16 @@ except ImportError:  # the reference path needs no Triton
 # Reference (plain PyTorch)
 
 
-def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` [B, N, heads, d] by per-pair tables [N, d/2]; fp32 math, x's dtype out."""
+def rotate_pairs_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` [B, N, heads, d] by per-pair tables [N, d/2]; fp32 math and result."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[None, :, None, :].float(), sin[None, :, None, :].float()
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` [B, N, heads, d] by per-pair tables [N, d/2]; fp32 math, x's dtype out."""
+    return rotate_pairs_fp32(x, cos, sin).to(x.dtype)
 
 
 def sums_reference(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
@@ -56,6 +61,94 @@ def apply_reference(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: to
     num = torch.einsum("bhce,bnhe->bnhc", S, q_rot.float())
     den = torch.einsum("bhe,bnhe->bnh", z, q.float()) + eps
     return (num / den.unsqueeze(-1)).flatten(2).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GEMM formulation (the fast path's default): the rotation, z and the denominator are pointwise work that
+# torch.compile fuses into the pass producing q and k (RMS norm + ReLU); what is left is two batched GEMMs per batch
+# entry on the tensor cores through cuBLAS, reading and writing the [B, N, heads*d] layout in place.
+#   sums:  S_b = v_b^T @ rot(k_b)  ([heads, d, N] @ [heads, N, d], fp32 out)
+#   apply: out_b = x_b @ S_b^T with x = rot(q) / (z . q + eps)  (the denominator is one scalar per token and head,
+#          so it can scale q before the product; S is rounded to q's dtype)
+# z = sum_n k_n is a GEMV against ones. Measured on an H200 at 480p (benchmarks/results/la-cublas-probe/): the
+# GEMMs take 0.25 + 0.21 ms against 1.03 + 1.12 ms for the Triton kernels.
+
+
+def rotate_pairs_swapped(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rotate_pairs_fp32`` written as x * (c, c) + swap(x) * (-s, s), swap exchanging the lanes of each pair: the
+    same products, in a form that torch.compile fuses into its pointwise pass at about half the cost of the
+    stack form (benchmarks/results/la-cublas-probe/prologue_probe_h200.json)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    c = cos.float().repeat_interleave(2, dim=-1)[None, :, None, :]
+    s = torch.stack([-sin.float(), sin.float()], dim=-1).flatten(-2)[None, :, None, :]
+    return xf * c + swapped * s
+
+
+def sums_gemm(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
+    """``sums_reference`` as pointwise work plus batched GEMMs: S [B, heads, d, d], z [B, heads, d] (fp32)."""
+    rot_k = rotate_pairs_swapped(k.unflatten(-1, (heads, -1)), cos, sin).to(k.dtype).flatten(2)
+    return torch.ops.sana.head_outer_sums(v, rot_k, k, heads)
+
+
+def apply_gemm(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+               eps: float = EPS) -> torch.Tensor:
+    """``apply_reference`` as pointwise work plus one batched GEMM: out [B, N, heads*d] in q's dtype."""
+    heads = S.shape[1]
+    qh = q.unflatten(-1, (heads, -1))
+    den = (qh.float() * z[:, None]).sum(-1, keepdim=True) + eps
+    x = (rotate_pairs_swapped(qh, cos, sin) / den).to(q.dtype)
+    return torch.ops.sana.head_products(x.flatten(2), S.to(q.dtype), heads)
+
+
+@torch.library.custom_op("sana::head_outer_sums", mutates_args=())
+def _head_outer_sums(v: torch.Tensor, r: torch.Tensor, k: torch.Tensor,
+                     heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """S[b, h] = v[b, :, h]^T @ r[b, :, h] (fp32 [B, heads, d, d]) and z[b, h] = sum_n k[b, n, h] (fp32
+    [B, heads, d]) of v, r, k [B, N, heads*d], read in place (z as a GEMV against ones: a reduction over N that
+    the compiler would otherwise fuse badly)."""
+    B, N, HD = v.shape
+    d = HD // heads
+    if not v.is_cuda:
+        S = torch.einsum("bnhc,bnhe->bhce", v.float().unflatten(-1, (heads, d)), r.float().unflatten(-1, (heads, d)))
+        return S, k.float().sum(dim=1).unflatten(-1, (heads, d))
+    S = torch.empty(B, heads, d, d, device=v.device, dtype=torch.float32)
+    z = torch.empty(B, HD, device=v.device, dtype=torch.float32)
+    wide = {} if v.dtype == torch.float32 else {"out_dtype": torch.float32}  # 16-bit inputs, fp32 accumulation
+    ones = torch.ones(1, N, device=v.device, dtype=k.dtype)
+    for b in range(B):
+        vt = v[b].unflatten(-1, (heads, d)).permute(1, 2, 0)  # [heads, d, N], strides (d, 1, row): no copy
+        rb = r[b].unflatten(-1, (heads, d)).transpose(0, 1)  # [heads, N, d]
+        S[b] = torch.bmm(vt, rb, **wide)
+        z[b] = torch.mm(ones, k[b], **wide)[0]
+    return S, z.unflatten(-1, (heads, d))
+
+
+@_head_outer_sums.register_fake
+def _(v, r, k, heads):
+    B, _, HD = v.shape
+    d = HD // heads
+    return v.new_empty(B, heads, d, d, dtype=torch.float32), v.new_empty(B, heads, d, dtype=torch.float32)
+
+
+@torch.library.custom_op("sana::head_products", mutates_args=())
+def _head_products(x: torch.Tensor, S: torch.Tensor, heads: int) -> torch.Tensor:
+    """out[b, n, h] = S[b, h] @ x[b, n, h] ([B, N, heads*d] in x's dtype) of x [B, N, heads*d], S [B, heads, d, d]."""
+    B, N, HD = x.shape
+    d = HD // heads
+    if not x.is_cuda:
+        return torch.einsum("bhce,bnhe->bnhc", S.float(), x.float().unflatten(-1, (heads, d))).flatten(2).to(x.dtype)
+    out = torch.empty(B, N, HD, device=x.device, dtype=x.dtype)
+    S = S.to(x.dtype)
+    for b in range(B):  # each head's [N, d] output block is written in place into the token-major layout
+        torch.bmm(x[b].unflatten(-1, (heads, d)).transpose(0, 1), S[b].transpose(-1, -2),
+                  out=out[b].unflatten(-1, (heads, d)).transpose(0, 1))
+    return out
+
+
+@_head_products.register_fake
+def _(x, S, heads):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
