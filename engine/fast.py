@@ -74,7 +74,8 @@ def _cat_bias(*layers: nn.Linear) -> torch.Tensor | None:
 class BlockCore(nn.Module):
     """The math of one transformer block as a pure function (what gets compiled).
 
-    forward(x [B, N, C], context [B, L, C], context_bias [B, 1, L] | None, temb [B, 1, 6C], cos/sin [N, d/2],
+    forward(x [B, N, C], context [B, L, C], context_bias [B, 1, L] | None, temb [B, 1, 6C], cos/sin [N, d/2]
+    ([N, d] from ``la.swap_tables`` for the GEMM attention),
     grid (F, H, W), S_prev [B, h, d, d] | None, z_prev [B, h, d] | None, left [B, C, 1, H*W] | None,
     block_frames tuple | None) -> (x, S, z, last): the block output, this call's attention sums and the last frame
     of the temporal conv's input ([B, C, 1, H*W], the state's layout).
@@ -215,23 +216,30 @@ class BlockCore(nn.Module):
 class RopePairs:
     """Per-pair RoPE tables [N, d/2] (cos of the even lanes, sin of the odd) of the model's interleaved [1, N, 1, d]
     tables, made contiguous once per forward and shared by every block: the kernels then read dense rows instead
-    of every other element."""
+    of every other element. ``swapped=True`` gives the full tables of the GEMM attention's rotation instead
+    (``linear_attention.swap_tables``), also made once per forward."""
 
     def __init__(self):
         self.source = None  # weak reference to the table the pairs come from
         self.pairs = None
+        self.swapped = None
 
-    def __call__(self, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, rope, swapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if self.source is None or self.source() is not rope[0]:  # a new forward
             self.pairs = (rope[0][0, :, 0, 0::2].contiguous(), rope[1][0, :, 0, 1::2].contiguous())
+            self.swapped = None
             # Dropped with the table (at the end of its forward, unless the model caches it): no memory held
             # between jobs.
             self.source = weakref.ref(rope[0], self._dropped)
+        if swapped:
+            if self.swapped is None:
+                self.swapped = la.swap_tables(*self.pairs)
+            return self.swapped
         return self.pairs
 
     def _dropped(self, ref) -> None:
         if self.source is ref:
-            self.source = self.pairs = None
+            self.source = self.pairs = self.swapped = None
 
 
 class FastBlock(nn.Module):
@@ -244,7 +252,8 @@ class FastBlock(nn.Module):
         self.rope_pairs = rope_pairs if rope_pairs is not None else RopePairs()
 
     def forward(self, x, context, context_bias, temb, rope, grid, layer, state=None, commit=False, block_frames=None):
-        cos, sin = self.rope_pairs(rope)
+        # The GEMM attention takes full swapped tables, the Triton kernels and the references per-pair ones.
+        cos, sin = self.rope_pairs(rope, swapped=self.core.kernels and self.core.attention == "gemm")
         S_prev = z_prev = left = None
         if state is not None:
             S_prev, z_prev = state.attention_sums(layer)

@@ -81,14 +81,15 @@ def test_gemm_formulation_equals_reference(shape):
     qkv = torch.cat([q, k, v], dim=-1)
     q, k, v = qkv.chunk(3, dim=-1)  # slices of a fused projection, as the model passes them
     S0, z0 = la.sums_reference(k, v, cos, sin, heads)
-    S, z = la.sums_gemm(k, v, cos, sin, heads)
+    full = la.swap_tables(cos, sin)
+    S, z = la.sums_gemm(k, v, *full, heads)
     out0 = la.apply_reference(q, cos, sin, S0, z0)
-    out = la.apply_gemm(q, cos, sin, S0, z0)
+    out = la.apply_gemm(q, *full, S0, z0)
     assert rel_err(S, S0) < 1e-6 and rel_err(z, z0) < 1e-6 and rel_err(out, out0) < 1e-6
     # 16-bit inputs: one more rounding than the reference (x = rot(q) / den), within a 16-bit step.
     qh, kh, vh = (t.to(torch.float16) for t in (q, k, v))
-    S16, z16 = la.sums_gemm(kh, vh, cos, sin, heads)
-    out16 = la.apply_gemm(qh, cos, sin, S16, z16)
+    S16, z16 = la.sums_gemm(kh, vh, *full, heads)
+    out16 = la.apply_gemm(qh, *full, S16, z16)
     assert out16.dtype == torch.float16 and rel_err(out16, la.apply_reference(qh, cos, sin, S16, z16)) < 2e-3
 
 INTERPRETER_CHECK = textwrap.dedent("""
@@ -152,11 +153,12 @@ def test_gemm_formulation_on_gpu(shape):
     q, k, v = qkv.chunk(3, dim=-1)
     S0, z0 = la.sums_reference(k.float(), v.float(), cos, sin, heads)
     out0 = la.apply_reference(q.float(), cos, sin, S0, z0)
-    S, z = la.sums_gemm(k, v, cos, sin, heads)
-    out = la.apply_gemm(q, cos, sin, S0, z0)
+    full = la.swap_tables(cos, sin)
+    S, z = la.sums_gemm(k, v, *full, heads)
+    out = la.apply_gemm(q, *full, S0, z0)
     # bf16: the rotations rounded as the reference rounds them; S rounded to bf16 for the apply product.
     assert rel_err(S, S0) < 5e-3 and rel_err(z, z0) < 1e-5 and rel_err(out, out0) < 1e-2
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    S32, z32 = la.sums_gemm(k.float(), v.float(), cos, sin, heads)
-    assert rel_err(S32, S0) < 1e-5
-    assert rel_err(la.apply_gemm(q.float(), cos, sin, S0, z0), out0) < 1e-5
+    S32, z32 = la.sums_gemm(k.float(), v.float(), *full, heads)
+    assert rel_err(S32, S0) < 1e-5 and rel_err(z32, z0) < 1e-6
+    assert rel_err(la.apply_gemm(q.float(), *full, S0, z0), out0) < 1e-5

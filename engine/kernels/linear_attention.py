@@ -74,30 +74,40 @@ def apply_reference(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: to
 # GEMMs take 0.25 + 0.21 ms against 1.03 + 1.12 ms for the Triton kernels.
 
 
-def rotate_pairs_swapped(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rotate_pairs_fp32`` written as x * (c, c) + swap(x) * (-s, s), swap exchanging the lanes of each pair: the
-    same products, in a form that torch.compile fuses into its pointwise pass at about half the cost of the
-    stack form (benchmarks/results/la-cublas-probe/prologue_probe_h200.json)."""
+def swap_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair tables [N, d/2] as the full fp32 tables [N, d] of ``rotate_swapped``: (c0, c0, c1, c1, ...) and
+    (-s0, s0, -s1, s1, ...). Made once per forward and shared by every layer: built inside each layer's compiled
+    pass instead, they cost that pass more than the rotation itself."""
+    c = cos.float().repeat_interleave(2, dim=-1)
+    s = torch.stack([-sin.float(), sin.float()], dim=-1).flatten(-2)
+    return c.contiguous(), s.contiguous()
+
+
+def rotate_swapped(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``rotate_pairs_fp32`` of ``x`` [B, N, heads, d] written as x * cos_full + swap(x) * sin_signed (tables of
+    ``swap_tables``), swap exchanging the lanes of each pair: the same products, in a form that torch.compile fuses
+    into its pointwise pass at about half the cost of the stack form
+    (benchmarks/results/la-cublas-probe/prologue_probe_h200.json)."""
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    c = cos.float().repeat_interleave(2, dim=-1)[None, :, None, :]
-    s = torch.stack([-sin.float(), sin.float()], dim=-1).flatten(-2)[None, :, None, :]
-    return xf * c + swapped * s
+    return xf * cos_full[None, :, None, :] + swapped * sin_signed[None, :, None, :]
 
 
-def sums_gemm(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
-    """``sums_reference`` as pointwise work plus batched GEMMs: S [B, heads, d, d], z [B, heads, d] (fp32)."""
-    rot_k = rotate_pairs_swapped(k.unflatten(-1, (heads, -1)), cos, sin).to(k.dtype).flatten(2)
+def sums_gemm(k: torch.Tensor, v: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, heads: int):
+    """``sums_reference`` as pointwise work plus batched GEMMs: S [B, heads, d, d], z [B, heads, d] (fp32).
+    Tables from ``swap_tables``."""
+    rot_k = rotate_swapped(k.unflatten(-1, (heads, -1)), cos_full, sin_signed).to(k.dtype).flatten(2)
     return torch.ops.sana.head_outer_sums(v, rot_k, k, heads)
 
 
-def apply_gemm(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
+def apply_gemm(q: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, S: torch.Tensor, z: torch.Tensor,
                eps: float = EPS) -> torch.Tensor:
-    """``apply_reference`` as pointwise work plus one batched GEMM: out [B, N, heads*d] in q's dtype."""
+    """``apply_reference`` as pointwise work plus one batched GEMM: out [B, N, heads*d] in q's dtype. Tables from
+    ``swap_tables``."""
     heads = S.shape[1]
     qh = q.unflatten(-1, (heads, -1))
     den = (qh.float() * z[:, None]).sum(-1, keepdim=True) + eps
-    x = (rotate_pairs_swapped(qh, cos, sin) / den).to(q.dtype)
+    x = (rotate_swapped(qh, cos_full, sin_signed) / den).to(q.dtype)
     return torch.ops.sana.head_products(x.flatten(2), S.to(q.dtype), heads)
 
 
