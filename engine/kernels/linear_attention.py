@@ -1,4 +1,7 @@
-"""ReLU linear attention with RoPE on the numerator, fused: two Triton kernels and their PyTorch reference.
+"""ReLU linear attention with RoPE on the numerator: its PyTorch reference and two fast forms pinned to it.
+
+The fast path's default is the GEMM form (``sums_gemm``, ``apply_gemm``, below the reference): pointwise work
+for torch.compile to fuse, plus strided cuBLAS batched GEMMs. The fused Triton kernels:
 
 ``sums``: S = sum_n v_n rot(k_n)^T [B, heads, d, d] and z = sum_n k_n [B, heads, d] (fp32), in one pass over bf16
 k and v: the rotation happens in registers, the products accumulate in fp32 on the tensor cores. The token axis is
@@ -32,16 +35,11 @@ except ImportError:  # the reference path needs no Triton
 # Reference (plain PyTorch)
 
 
-def rotate_pairs_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` [B, N, heads, d] by per-pair tables [N, d/2]; fp32 math and result."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[None, :, None, :].float(), sin[None, :, None, :].float()
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
-
-
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of ``x`` [B, N, heads, d] by per-pair tables [N, d/2]; fp32 math, x's dtype out."""
-    return rotate_pairs_fp32(x, cos, sin).to(x.dtype)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :].float(), sin[None, :, None, :].float()
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
 
 
 def sums_reference(k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):
@@ -84,9 +82,9 @@ def swap_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def rotate_swapped(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``rotate_pairs_fp32`` of ``x`` [B, N, heads, d] written as x * cos_full + swap(x) * sin_signed (tables of
-    ``swap_tables``), swap exchanging the lanes of each pair: the same products, in a form that torch.compile fuses
-    into its pointwise pass at about half the cost of the stack form
+    """``rotate_pairs`` of ``x`` [B, N, heads, d], in fp32 (not rounded), written as x * cos_full + swap(x) *
+    sin_signed (tables of ``swap_tables``), swap exchanging the lanes of each pair: the same products, in a form that
+    torch.compile fuses into its pointwise pass at about half the cost of the stack form
     (benchmarks/results/la-cublas-probe/prologue_probe_h200.json)."""
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
