@@ -124,14 +124,22 @@ def test_triton_kernels_in_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+def gpu_case(shape, fused=False):
+    """bf16 inputs on CUDA (``fused``: as slices of one q|k|v projection) and the fp32 reference's S, z and output."""
+    B, N, heads, d = shape
+    q, k, v, cos, sin = make_inputs(B, N, heads, d, dtype=torch.bfloat16, device="cuda")
+    if fused:
+        q, k, v = torch.cat([q, k, v], dim=-1).chunk(3, dim=-1)
+    S0, z0 = la.sums_reference(k.float(), v.float(), cos, sin, heads)
+    return q, k, v, cos, sin, S0, z0, la.apply_reference(q.float(), cos, sin, S0, z0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled Triton kernels run on the GPU")
 @pytest.mark.parametrize("shape", [(2, 1000, 2, 112), (1, 4097, 20, 112), (2, 300, 3, 24)])
 def test_triton_kernels_on_gpu(shape):
-    B, N, heads, d = shape
-    q, k, v, cos, sin = make_inputs(B, N, heads, d, dtype=torch.bfloat16, device="cuda")
-    S0, z0 = la.sums_reference(k.float(), v.float(), cos, sin, heads)
-    out0 = la.apply_reference(q.float(), cos, sin, S0, z0)
+    heads = shape[2]
+    q, k, v, cos, sin, S0, z0, out0 = gpu_case(shape)
     S, z = la.linear_attention_sums(k, v, cos, sin, heads, impl="triton")
     out = la.linear_attention_apply(q, cos, sin, S0, z0, impl="triton")
     # bf16 inputs: the rotation is rounded to bf16 before the products (as the model's reference does).
@@ -147,12 +155,8 @@ def test_triton_kernels_on_gpu(shape):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the strided cuBLAS batched GEMMs")
 @pytest.mark.parametrize("shape", [(2, 1000, 2, 112), (1, 4097, 20, 112), (2, 300, 3, 24)])
 def test_gemm_formulation_on_gpu(shape):
-    B, N, heads, d = shape
-    q, k, v, cos, sin = make_inputs(B, N, heads, d, dtype=torch.bfloat16, device="cuda")
-    qkv = torch.cat([q, k, v], dim=-1)
-    q, k, v = qkv.chunk(3, dim=-1)
-    S0, z0 = la.sums_reference(k.float(), v.float(), cos, sin, heads)
-    out0 = la.apply_reference(q.float(), cos, sin, S0, z0)
+    heads = shape[2]
+    q, k, v, cos, sin, S0, z0, out0 = gpu_case(shape, fused=True)
     full = la.swap_tables(cos, sin)
     S, z = la.sums_gemm(k, v, *full, heads)
     out = la.apply_gemm(q, *full, S0, z0)
