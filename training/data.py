@@ -131,15 +131,16 @@ def held_out_cases(backgrounds_per_triple: int = 2) -> list[Case]:
 
 def sample_cases(n: int, generator: torch.Generator, split: str = "train") -> list[Case]:
     """``n`` random cases of ``split`` ("train": every combination but HELD_OUT; "held_out"; "all")."""
-    triples = _triples(split)
-    picks = torch.randint(len(triples), (n,), generator=generator, device=generator.device).tolist()
-    backs = torch.randint(2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
-    out = []
-    for pick, back in zip(picks, backs):
-        colour, shape, motion = triples[pick]
-        options = backgrounds_for(colour)
-        out.append(Case(colour, shape, motion, options[back % len(options)]))
-    return out
+    return _draw(_triples(split), n, generator)
+
+
+def check_focus(colours: tuple[str, ...], background: str | None) -> None:
+    """ValueError unless ``colours`` are object colours (at least one) and ``background`` a background colour."""
+    unknown = [c for c in colours if c not in OBJECT_COLOURS] + (
+        [background] if background is not None and background not in BACKGROUND_COLOURS else [])
+    if unknown or not colours:
+        raise ValueError(f"focus colours {list(colours)} / background {background!r}: expected object colours from "
+                         f"{', '.join(OBJECT_COLOURS)} and a background from {', '.join(BACKGROUND_COLOURS)}")
 
 
 def sample_focus_cases(n: int, generator: torch.Generator, colours: tuple[str, ...], background: str | None,
@@ -147,19 +148,21 @@ def sample_focus_cases(n: int, generator: torch.Generator, colours: tuple[str, .
     """``n`` random cases of ``split`` whose object has one of ``colours``; half of them on ``background`` (where the
     colour allows it), the rest on any allowed background. Training draws a share of its clips this way to practise
     the distinctions a model gets wrong (red against green on white, say) more often than uniform sampling would."""
-    unknown = [c for c in colours if c not in OBJECT_COLOURS] + (
-        [background] if background is not None and background not in BACKGROUND_COLOURS else [])
-    if unknown or not colours:
-        raise ValueError(f"focus colours {list(colours)} / background {background!r}: expected object colours from "
-                         f"{', '.join(OBJECT_COLOURS)} and a background from {', '.join(BACKGROUND_COLOURS)}")
-    triples = [t for t in _triples(split) if t[0] in colours]
+    check_focus(colours, background)
+    return _draw([t for t in _triples(split) if t[0] in colours], n, generator, background)
+
+
+def _draw(triples: list[tuple[str, str, str]], n: int, generator: torch.Generator,
+          prefer: str | None = None) -> list[Case]:
+    """``n`` cases of random ``triples`` on random allowed backgrounds; every other case on ``prefer`` instead, where
+    the colour allows it."""
     picks = torch.randint(len(triples), (n,), generator=generator, device=generator.device).tolist()
     backs = torch.randint(2**31 - 1, (n,), generator=generator, device=generator.device).tolist()
     out = []
     for i, (pick, back) in enumerate(zip(picks, backs)):
         colour, shape, motion = triples[pick]
         options = backgrounds_for(colour)
-        chosen = background if i % 2 == 0 and background in options else options[back % len(options)]
+        chosen = prefer if i % 2 == 0 and prefer in options else options[back % len(options)]
         out.append(Case(colour, shape, motion, chosen))
     return out
 

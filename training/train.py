@@ -225,7 +225,8 @@ class LatentPool:
     renders and encodes new clips over the oldest ones, ``sample`` draws a batch from what is filled."""
 
     def __init__(self, vae, tokenizer, size: int, latent_frames: int, max_len: int, device, generator,
-                 case_generator: torch.Generator, refresh_every: int, focus: tuple[float, tuple, str] = (0.0, (), "")):
+                 case_generator: torch.Generator, refresh_every: int,
+                 focus: tuple[float, tuple, str | None] = (0.0, (), None)):
         from engine.vae import latent_stats
 
         self.vae, self.tokenizer, self.max_len = vae, tokenizer, max_len
@@ -255,8 +256,10 @@ class LatentPool:
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
             n_focus = round(k * self.focus_share)
-            cases = data.sample_cases(k - n_focus, self.case_generator, "train") + data.sample_focus_cases(
-                n_focus, self.case_generator, self.focus_colours, self.focus_background)
+            cases = data.sample_cases(k - n_focus, self.case_generator, "train")
+            if n_focus:
+                cases += data.sample_focus_cases(n_focus, self.case_generator, self.focus_colours,
+                                                 self.focus_background)
             z = self.encode(data.render(data.scenes_for(cases, self.generator), self.frames))
             idx = (self.cursor + torch.arange(k, device=self.device)) % self.size
             self.latents[idx] = z.to(torch.bfloat16)
@@ -1121,7 +1124,7 @@ def apply_overrides(cfg: Config, items: list[str]) -> Config:
     if not 0.0 <= cfg.focus_share <= 1.0:
         raise ValueError(f"--set focus_share={cfg.focus_share}: expected a share between 0 and 1")
     if cfg.focus_share > 0:
-        data.sample_focus_cases(1, torch.Generator(), cfg.focus_colours, cfg.focus_background)  # names checked
+        data.check_focus(cfg.focus_colours, cfg.focus_background)
     return cfg
 
 
