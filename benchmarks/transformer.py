@@ -39,14 +39,15 @@ from benchmarks.common import (
 RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "smoke": (5, 8, 12)}
 DEFAULT_CASES = {  # run in this order; errors against fp32 are filled in whenever the reference has run
     "480p": ["fp32_reference", "diffusers_fp32", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled",
-             "ours_fast_compiled_triton_attention", "ours_fp8_compiled", "ours_reference_eager", "ours_fast_eager",
-             "ours_fast_cudagraph", "ours_fp8_cudagraph"],
-    "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fast_compiled_triton_attention",
-             "ours_fp8_compiled", "fp32_reference"],
+             "ours_fast_compiled_prologue_compiled", "ours_fast_compiled_triton_attention", "ours_fp8_compiled",
+             "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph", "ours_fp8_cudagraph"],
+    "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fast_compiled_prologue_compiled",
+             "ours_fast_compiled_triton_attention", "ours_fp8_compiled", "fp32_reference"],
 }
 # Rough seconds each case needs (compile included) on an H100, to skip what the budget cannot hold.
 NEEDS_S = {"fp32_reference": 15, "diffusers_fp32": 10, "diffusers_eager": 8, "diffusers_compiled": 50,
-           "ours_fast_compiled": 40, "ours_fast_compiled_triton_attention": 40, "ours_fp8_compiled": 40,
+           "ours_fast_compiled": 40, "ours_fast_compiled_prologue_compiled": 40,
+           "ours_fast_compiled_triton_attention": 40, "ours_fp8_compiled": 40,
            "ours_reference_eager": 8, "ours_fast_eager": 8, "ours_fast_cudagraph": 10, "ours_fp8_cudagraph": 10}
 
 
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
                 models[name] = clone_as(ours32, bf)
             elif name == "fast":
                 models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend)
+            elif name == "fast_gemm_compiled":
+                models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend,
+                                        attention="gemm-compiled")
             elif name == "fast_triton":
                 models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend, attention="triton")
             elif name == "fp8":
@@ -172,6 +176,10 @@ def main(argv=None) -> int:
         "diffusers_eager": timed("diffusers_eager", diffusers_call, "diffusers"),
         "diffusers_compiled": diffusers_compiled,
         "ours_fast_compiled": timed("ours_fast_compiled", lambda: model("fast")(xb, textb, t, mask), "fast"),
+        "ours_fast_compiled_prologue_compiled": timed(
+            "ours_fast_compiled_prologue_compiled", lambda: model("fast_gemm_compiled")(xb, textb, t, mask),
+            "fast_gemm_compiled", note="the attention's norm + ReLU + rotation fused by torch.compile instead of the "
+            "prologue kernel"),
         "ours_fast_compiled_triton_attention": timed(
             "ours_fast_compiled_triton_attention", lambda: model("fast_triton")(xb, textb, t, mask), "fast_triton",
             note="the linear attention as the two fused Triton kernels instead of pointwise work + cuBLAS GEMMs"),
@@ -240,12 +248,12 @@ def summarize(results: Results, resolution: str) -> None:
 def print_report(results: Results) -> None:
     doc = results.doc
     print(f"\n== {results.path.name} on {doc['environment'].get('gpu')} ==")
-    print(f"{'case':28s} {'status':8s} {'s/step':>8s} {'x comp':>7s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak+GiB':>8s} "
+    print(f"{'case':38s} {'status':8s} {'s/step':>8s} {'x comp':>7s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak+GiB':>8s} "
           f"{'err/fp32':>9s}")
     for c in doc["cases"]:
         s = c.get("s_per_step")
         s = "" if s is None else f"{s:.4f}"
-        print(f"{c['name']:28s} {c.get('status', ''):8s} {s:>8} "
+        print(f"{c['name']:38s} {c.get('status', ''):8s} {s:>8} "
               f"{c.get('speedup_vs_diffusers_compiled', ''):>7} {c.get('tflops', ''):>8} {c.get('mfu', ''):>6} "
               f"{c.get('peak_extra_gib', ''):>8} "
               f"{'' if 'rel_err_vs_fp32_reference' not in c else format(c['rel_err_vs_fp32_reference'], '.2e'):>9}")

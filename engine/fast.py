@@ -2,9 +2,10 @@
 
 ``optimize(model)`` replaces every ``TransformerBlock`` by a ``FastBlock`` built from its weights:
 - q|k|v as one GEMM, the text's k|v as one GEMM;
-- ReLU linear attention (engine/kernels/linear_attention.py): by default the RoPE rotation and the normalisation
-  fused by torch.compile into the pass that makes q and k, the products as strided cuBLAS batched GEMMs
-  (``attention="gemm"``); or the two fused Triton kernels (``attention="triton"``); never an fp32 copy of q, k, v;
+- ReLU linear attention (engine/kernels/linear_attention.py): by default q's and k's RMS norm, ReLU, RoPE rotation
+  and normalisation in one Triton kernel each (one read of the row), the products as strided cuBLAS batched GEMMs
+  (``attention="gemm"``); the same with that prologue left to torch.compile (``"gemm-compiled"``); or the two fused
+  Triton kernels (``"triton"``); never an fp32 copy of q, k, v;
 - the Mix-FFN on channels-last tokens: 1x1 convs as GEMMs, bias + SiLU + depthwise 3x3 + GLU gate in one kernel
   (engine/kernels/mixffn.py), the temporal (3,1) conv as one GEMM to three frame-shifted outputs summed with the
   residual in the next pointwise pass (no permutes, no padded copies);
@@ -37,7 +38,7 @@ from engine.vae import FastWanDecoder
 
 # What apply_fast_path accepts (server/settings.py's FastMode lists the same).
 FAST_MODES = ("auto", "on", "off", "fp8")
-ATTENTION_IMPLS = ("gemm", "triton")
+ATTENTION_IMPLS = ("gemm", "gemm-compiled", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class FastSettings:
     """What ``optimize`` did to a model (kept on it as ``model.fast_settings``)."""
 
     kernels: bool = True       # Triton kernels (else their PyTorch references, same restructured math)
-    attention: str = "gemm"    # linear attention: "gemm" (pointwise prologue + cuBLAS) or "triton" (fused kernels)
+    attention: str = "gemm"    # linear attention: "gemm" (prologue kernels + cuBLAS), "gemm-compiled" or "triton"
     fp8: bool = False          # scaled FP8 GEMMs for the block linears
     compile: bool = True       # regional torch.compile of each block's math
     compile_mode: str | None = None
@@ -75,7 +76,7 @@ class BlockCore(nn.Module):
     """The math of one transformer block as a pure function (what gets compiled).
 
     forward(x [B, N, C], context [B, L, C], context_bias [B, 1, L] | None, temb [B, 1, 6C], cos/sin [N, d/2]
-    ([N, d] from ``la.swap_tables`` for the GEMM attention),
+    ([N, d] from ``la.swap_tables`` for the compiled GEMM attention),
     grid (F, H, W), S_prev [B, h, d, d] | None, z_prev [B, h, d] | None, left [B, C, 1, H*W] | None,
     block_frames tuple | None) -> (x, S, z, last): the block output, this call's attention sums and the last frame
     of the temporal conv's input ([B, C, 1, H*W], the state's layout).
@@ -86,6 +87,12 @@ class BlockCore(nn.Module):
         a1, a2, ff = block.attn1, block.attn2, block.ff
         self.kernels = kernels
         self.attention = attention
+        # The prologue kernel (norm + ReLU + rotation of q and k) needs the RMS norms; without them the compiled form.
+        if attention == "gemm" and a1.norm_q is None:
+            self.attention = "gemm-compiled"
+        self.prologue = kernels and self.attention == "gemm"
+        # Full swapped RoPE tables for the compiled prologue, per-pair ones for the kernels and the references.
+        self.swapped_tables = kernels and self.attention == "gemm-compiled"
         self.heads = a1.heads
         self.cross_heads = a2.heads
         self.scale_shift_table = block.scale_shift_table
@@ -118,22 +125,31 @@ class BlockCore(nn.Module):
     def _attention_sums(self, k, v, cos, sin):
         if not self.kernels:
             return la.sums_reference(k, v, cos, sin, self.heads)
-        if self.attention == "gemm":
+        if self.prologue:  # k as the projection wrote it: norm, ReLU and rotation in the kernel
+            rot_k, k = torch.ops.sana.norm_rotate(k, self.norm_k.weight, self.norm_k.eps, cos, sin, self.heads, None,
+                                                  LINEAR_ATTENTION_EPS)
+            return torch.ops.sana.head_outer_sums(v, rot_k, k, self.heads)
+        if self.attention == "gemm-compiled":
             return la.sums_gemm(k, v, cos, sin, self.heads)
         return torch.ops.sana.linear_attention_sums(k, v, cos, sin, self.heads)
 
     def _attend(self, q, cos, sin, S, z):
         if not self.kernels:
             return la.apply_reference(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
-        if self.attention == "gemm":
+        if self.prologue:
+            x, _ = torch.ops.sana.norm_rotate(q, self.norm_q.weight, self.norm_q.eps, cos, sin, self.heads, z,
+                                              LINEAR_ATTENTION_EPS)
+            return torch.ops.sana.head_products(x, S.to(x.dtype), self.heads)
+        if self.attention == "gemm-compiled":
             return la.apply_gemm(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
         return torch.ops.sana.linear_attention_apply(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
 
     def self_attention(self, h, cos, sin, S_prev, z_prev, block_tokens):
         q, k, v = self.qkv(h).chunk(3, dim=-1)
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k = F.relu(q), F.relu(k)
+        if not self.prologue:
+            if self.norm_q is not None:
+                q, k = self.norm_q(q), self.norm_k(k)
+            q, k = F.relu(q), F.relu(k)
         if block_tokens is not None:
             outs, S_acc, z_acc = [], None, None
             for start, stop in block_tokens:
@@ -252,8 +268,7 @@ class FastBlock(nn.Module):
         self.rope_pairs = rope_pairs if rope_pairs is not None else RopePairs()
 
     def forward(self, x, context, context_bias, temb, rope, grid, layer, state=None, commit=False, block_frames=None):
-        # The GEMM attention takes full swapped tables, the Triton kernels and the references per-pair ones.
-        cos, sin = self.rope_pairs(rope, swapped=self.core.kernels and self.core.attention == "gemm")
+        cos, sin = self.rope_pairs(rope, swapped=self.core.swapped_tables)
         S_prev = z_prev = left = None
         if state is not None:
             S_prev, z_prev = state.attention_sums(layer)
@@ -274,8 +289,9 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
     GEMMs (needs an FP8 GPU, e.g. H100, for speed; runs anywhere ``torch._scaled_mm`` does). ``compile``: compile
     each block's math once per input shape (``dynamic=False``: one specialised graph per resolution bucket);
     ``compile_mode``/``compile_backend`` go to ``torch.compile``. ``attention``: how the linear attention runs
-    with ``kernels``: "gemm" (rotation and normalisation fused into the surrounding compiled pointwise passes, the
-    products as cuBLAS batched GEMMs; faster) or "triton" (the two fused Triton kernels).
+    with ``kernels``: "gemm" (q's and k's norm, ReLU, rotation and normalisation in one Triton kernel each, the
+    products as cuBLAS batched GEMMs; the fastest), "gemm-compiled" (that prologue fused by torch.compile instead)
+    or "triton" (the two fused Triton kernels).
     """
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention {attention!r} (accepted: {', '.join(ATTENTION_IMPLS)})")

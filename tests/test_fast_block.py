@@ -55,10 +55,10 @@ def inputs(config, frames=4, h=6, w=8, batch=2, seed=1, device="cpu", dtype=torc
     return x.to(device, dtype), text.to(device, dtype), t.to(device), mask.to(device)
 
 
-@pytest.mark.parametrize("attention", ["gemm", "triton"])
+@pytest.mark.parametrize("attention", ["gemm", "gemm-compiled", "triton"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_clip_and_block_causal_equal_reference(name, attention):
-    """Both linear-attention forms (on the CPU the custom ops run their PyTorch references) against the model."""
+    """Every linear-attention form (on the CPU the custom ops run their PyTorch references) against the model."""
     config = CONFIGS[name]
     ref, fast = models(config, attention=attention)
     assert all(isinstance(b, FastBlock) for b in fast.transformer_blocks)
@@ -69,7 +69,7 @@ def test_clip_and_block_causal_equal_reference(name, attention):
 
 
 def test_unknown_attention_is_refused():
-    with pytest.raises(ValueError, match="accepted: gemm, triton"):
+    with pytest.raises(ValueError, match="accepted: gemm, gemm-compiled, triton"):
         models(CONFIGS["tiny"], attention="flash")
 
 
@@ -176,16 +176,18 @@ INTERPRETER_CHECK = textwrap.dedent("""
     config = dataclasses.replace(TINY_TRANSFORMER, num_layers=1)
     torch.manual_seed(0)
     ref = SanaVideoTransformer(config, causal=True).eval()
-    fast = optimize(copy.deepcopy(ref), compile=False, attention="triton")  # the fused linear-attention kernels
     g = torch.Generator().manual_seed(1)
     x, text = torch.randn(1, 16, 2, 4, 6, generator=g), torch.randn(1, 5, 32, generator=g)
     t, mask = torch.tensor([500.0]), torch.ones(1, 5)
-    with torch.no_grad():
-        assert rel(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
-        s_ref, s_fast = BlockState.for_model(ref, 1, 4, 6), BlockState.for_model(fast, 1, 4, 6)
-        ref(x, text, t, mask, state=s_ref, commit=True)
-        fast(x, text, t, mask, state=s_fast, commit=True)
-        assert rel(fast(x, text, t, mask, state=s_fast), ref(x, text, t, mask, state=s_ref)) < 1e-5
+    # "triton": the fused linear-attention kernels; "gemm": the norm + rotation prologue kernel (GEMMs as einsum).
+    for attention in ("triton", "gemm"):
+        fast = optimize(copy.deepcopy(ref), compile=False, attention=attention)
+        with torch.no_grad():
+            assert rel(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5, attention
+            s_ref, s_fast = BlockState.for_model(ref, 1, 4, 6), BlockState.for_model(fast, 1, 4, 6)
+            ref(x, text, t, mask, state=s_ref, commit=True)
+            fast(x, text, t, mask, state=s_fast, commit=True)
+            assert rel(fast(x, text, t, mask, state=s_fast), ref(x, text, t, mask, state=s_ref)) < 1e-5, attention
     print("ok")
 """)
 
@@ -200,7 +202,7 @@ def test_fast_model_with_triton_kernels_in_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Triton kernels, inductor and CUDA graphs")
-@pytest.mark.parametrize("attention", ["gemm", "triton"])
+@pytest.mark.parametrize("attention", ["gemm", "gemm-compiled", "triton"])
 def test_compiled_kernels_and_graphs_on_gpu(attention):
     config = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=64,
                                  num_cross_attention_heads=2, cross_attention_head_dim=64, cross_attention_dim=128,

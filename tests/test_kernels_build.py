@@ -30,6 +30,9 @@ LA_SIGNATURE = {
               "o_ptr": "*bf16", "N": "i32", "eps": "fp32", "stride_qb": "i32", "stride_qn": "i32", "stride_ob": "i32",
               "stride_on": "i32", "stride_rn": "i32", "stride_rd": "i32"},
 }
+NORM_SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "z_ptr": "*fp32",
+                  "r_ptr": "*bf16", "a_ptr": "*bf16", "N": "i32", "norm_eps": "fp32", "eps": "fp32", "stride_xb": "i32",
+                  "stride_xn": "i32", "stride_ob": "i32", "stride_on": "i32", "stride_rn": "i32", "stride_zb": "i32"}
 DW_SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "ib_ptr": "*bf16", "o_ptr": "*bf16", "H": "i32",
                 "W": "i32", "C": "i32", "stride_xi": "i32", "stride_xh": "i32", "stride_xw": "i32", "stride_oi": "i32",
                 "stride_oh": "i32", "stride_ow": "i32"}
@@ -60,6 +63,15 @@ def test_linear_attention_builds_for_sm90(which, config):
     constexprs = {"HEADS": 20, "D": 112, "BLOCK_D": 128, "TOKENS_PER_CHUNK": 1024, "PRECISION": "tf32", **c.kwargs}
     kernel = build(fn, LA_SIGNATURE[which], constexprs, c.num_warps, c.num_stages)
     assert "mma" in kernel.asm["ptx"]  # the products run on the tensor cores
+
+
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("config", range(len(la._NORM_TILES)))
+def test_norm_rotate_builds_for_sm90(scale, config):
+    c = la._NORM_TILES[config]
+    constexprs = {"HEADS": 20, "D": 112, "BLOCK_D": 128, "ROUND_NORM": True, "SCALE": scale, **c.kwargs}
+    kernel = build(la._norm_rotate_kernel, NORM_SIGNATURE, constexprs, c.num_warps)
+    assert "sqrt.rn.f32" in kernel.asm["ptx"]  # the RMS statistic's square root correctly rounded, as torch's
 
 
 @pytest.mark.parametrize("config", range(len(mixffn._TILES)))

@@ -92,6 +92,51 @@ def test_gemm_formulation_equals_reference(shape):
     out16 = la.apply_gemm(qh, *full, S16, z16)
     assert out16.dtype == torch.float16 and rel_err(out16, la.apply_reference(qh, cos, sin, S16, z16)) < 2e-3
 
+def norm_case(B, N, heads, d, dtype=torch.float32, device="cpu", seed=0):
+    """A fused q|k|v projection's q and k slices, an RMSNorm of the model's kind, per-pair tables and a z."""
+    from diffusers.models.normalization import RMSNorm
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, _ = (torch.randn(B, N, 3 * heads * d, generator=g) * 2 + 0.3).to(device, dtype).chunk(3, dim=-1)
+    norm = RMSNorm(heads * d, eps=1e-5).to(device, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(heads * d, generator=g) + 0.5)
+    ang = torch.rand(N, d // 2, generator=g) * 6.28
+    z = (torch.rand(B, heads, d, generator=g) * N).to(device)
+    return q, k, norm, ang.cos().to(device), ang.sin().to(device), z
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 24), (1, 50, 20, 112)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_rotate_reference_equals_model(shape, dtype):
+    """The prologue's reference is the model's own ops: RMSNorm then ReLU, the rotation as apply_rotary, and for q
+    the division by the denominator that apply_gemm makes."""
+    B, N, heads, d = shape
+    q, k, norm, cos, sin, z = norm_case(B, N, heads, d, dtype)
+    full = (cos.repeat_interleave(2, -1)[None, :, None], sin.repeat_interleave(2, -1)[None, :, None])
+    with torch.no_grad():
+        a = torch.relu(norm(k))
+        rot, act = la.norm_rotate(k, norm.weight, norm.eps, cos, sin, heads, impl="torch")
+        assert torch.equal(act, a) and rot.dtype == dtype
+        expected = apply_rotary(a.unflatten(-1, (heads, -1)).float(), *full).flatten(2)
+        assert rel_err(rot, expected) < (1e-6 if dtype == torch.float32 else 4e-3)
+        aq = torch.relu(norm(q)).unflatten(-1, (heads, -1)).float()
+        den = (aq * z[:, None]).sum(-1, keepdim=True) + la.EPS
+        x, empty = la.norm_rotate(q, norm.weight, norm.eps, cos, sin, heads, z, impl="torch")
+        assert empty.numel() == 0
+        assert rel_err(x, (apply_rotary(aq, *full) / den).flatten(2)) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_norm_rotate_custom_op_shapes():
+    q, k, norm, cos, sin, z = norm_case(2, 9, 2, 8)
+    with torch.no_grad():
+        rot, act = torch.ops.sana.norm_rotate(k, norm.weight, norm.eps, cos, sin, 2, None, la.EPS)
+        x, empty = torch.ops.sana.norm_rotate(q, norm.weight, norm.eps, cos, sin, 2, z, la.EPS)
+    assert rot.shape == act.shape == x.shape == k.shape and empty.numel() == 0
+    with pytest.raises(ValueError, match="heads"):
+        la.norm_rotate(k, norm.weight[:-1], norm.eps, cos, sin, 2)
+
+
 INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     from engine.kernels import linear_attention as la
@@ -112,6 +157,14 @@ INTERPRETER_CHECK = textwrap.dedent("""
             errs = (rel(S1, S0), rel(z1, z0), rel(out1, out0))
             assert max(errs) < tol, (dtype, B, N, H, D, errs)
             assert out1.dtype == dtype and torch.isfinite(out1).all()
+            # The GEMM form's prologue kernel on q and k slices of a fused projection (row stride 3 * H * D).
+            qkv = (torch.randn(B, N, 3 * H * D, generator=g) * 2 + 0.3).to(dtype)
+            w = (torch.rand(H * D, generator=g) + 0.5).to(dtype)
+            for x, zz in ((qkv[..., H * D:2 * H * D], None), (qkv[..., :H * D], z0)):
+                rot0, act0 = la.norm_rotate(x, w, 1e-5, cos, sin, H, zz, impl="torch")
+                rot1, act1 = la._norm_rotate_triton(x, w, 1e-5, cos, sin, H, zz, 1e-15, rows=2)
+                assert rel(rot1, rot0) < tol and rot1.dtype == dtype, (dtype, B, N, H, D, rel(rot1, rot0))
+                assert act1.shape == act0.shape and (zz is not None or rel(act1, act0) < tol)
     print("ok")
 """)
 
@@ -166,3 +219,23 @@ def test_gemm_formulation_on_gpu(shape):
     S32, z32 = la.sums_gemm(k.float(), v.float(), *full, heads)
     assert rel_err(S32, S0) < 1e-5 and rel_err(z32, z0) < 1e-6
     assert rel_err(la.apply_gemm(q.float(), *full, S0, z0), out0) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled Triton kernel")
+@pytest.mark.parametrize("shape", [(2, 1000, 2, 112), (2, 4097, 20, 112), (2, 300, 3, 24)])
+def test_norm_rotate_kernel_on_gpu(shape):
+    B, N, heads, d = shape
+    q, k, norm, cos, sin, z = norm_case(B, N, heads, d, torch.bfloat16, "cuda")
+    with torch.no_grad():
+        for x, zz in ((k, None), (q, z)):
+            rot0, act0 = la.norm_rotate(x, norm.weight, norm.eps, cos, sin, heads, zz, impl="torch")
+            rot, act = la.norm_rotate(x, norm.weight, norm.eps, cos, sin, heads, zz, impl="triton")
+            # The same ops in the same dtypes: at most a bf16 step apart where an fp32 sum rounds differently.
+            assert rot.dtype == torch.bfloat16 and rel_err(rot, rot0) < 2e-3
+            if zz is None:
+                assert rel_err(act, act0) < 2e-3
+        # fp32 weights and inputs: no rounding in the prologue.
+        rot32, _ = la.norm_rotate(k.float(), norm.weight.float(), norm.eps, cos, sin, heads, impl="triton")
+        ref32, _ = la.norm_rotate(k.float(), norm.weight.float(), norm.eps, cos, sin, heads, impl="torch")
+        assert rel_err(rot32, ref32) < 1e-5

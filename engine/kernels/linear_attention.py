@@ -159,6 +159,30 @@ def _(x, S, heads):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
+# The GEMM form's prologue as one kernel (``attention="gemm"``): RMS norm across heads (diffusers' ``RMSNorm``, its
+# dtypes and roundings) + ReLU + the rotation, reading each token's row once. For k it writes rot(k) and k (z's
+# input); for q, x = rot(q) / (z . q + eps), the operand of ``head_products``. torch.compile's code for the same
+# pass reads every element seven times (benchmarks/results/la-cublas-probe/README.md, section 6).
+
+
+def norm_rotate_reference(x: torch.Tensor, weight: torch.Tensor, norm_eps: float, cos: torch.Tensor,
+                          sin: torch.Tensor, heads: int, z: torch.Tensor | None = None,
+                          eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rotated, activated) of x [B, N, heads*d]: a = relu(RMSNorm(x)), rotated = rot(a) (z None) or
+    rot(a) / (z . a + eps) (z [B, heads, d]), both [B, N, heads*d] in the norm's output dtype. Per-pair tables
+    [N, d/2]. The reference of ``norm_rotate``: the model's own ops in its order."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    a = x * torch.rsqrt(variance + norm_eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        a = a.to(weight.dtype)
+    a = torch.relu(a * weight)
+    ah = a.unflatten(-1, (heads, -1))
+    rot = rotate_swapped(ah, *swap_tables(cos, sin))
+    if z is not None:
+        rot = rot / ((ah.float() * z[:, None]).sum(-1, keepdim=True) + eps)
+    return rot.to(a.dtype).flatten(2), a
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 
@@ -270,6 +294,56 @@ if triton is not None:
     _sums_tuned = triton.autotune(configs=_TILES, key=["N", "BH", "HEADS", "D", "TOKENS_PER_CHUNK"])(_sums_kernel)
     _apply_tuned = triton.autotune(configs=_TILES, key=["N", "HEADS", "D", "TOKENS_PER_CHUNK"])(_apply_kernel)
 
+    @triton.jit
+    def _norm_rotate_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, z_ptr, r_ptr, a_ptr,
+                            N, norm_eps, eps,
+                            stride_xb, stride_xn, stride_ob, stride_on, stride_rn, stride_zb,
+                            HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            ROWS: tl.constexpr, ROUND_NORM: tl.constexpr, SCALE: tl.constexpr):
+        """ROWS tokens of one batch entry per program, a head at a time as a [ROWS, d] tile: one pass for the RMS
+        statistic of each row, one for the norm, ReLU, rotation (and for q the denominator) of each head. The
+        rotation tables are read once per token for every head; the second read of the rows comes from cache."""
+        b = tl.program_id(1).to(tl.int64)  # batch offsets can pass 2^31 elements
+        offs_n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_j = tl.arange(0, BLOCK_D // 2)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & (offs_d < D)[None, :]
+        x_rows = x_ptr + b * stride_xb + offs_n[:, None] * stride_xn + offs_d[None, :]
+        sq = tl.zeros((ROWS,), tl.float32)
+        for h in range(HEADS):
+            xf = tl.load(x_rows + h * D, mask=mask, other=0.0).to(tl.float32)
+            sq += tl.sum(xf * xf, axis=1)
+        inv = 1.0 / tl.sqrt_rn(sq / (HEADS * D) + norm_eps)
+        mask_p = mask_n[:, None] & (offs_j < D // 2)[None, :]
+        table = offs_n[:, None] * stride_rn + offs_j[None, :]
+        c = tl.load(cos_ptr + table, mask=mask_p, other=0.0)
+        s = tl.load(sin_ptr + table, mask=mask_p, other=0.0)
+        out_rows = b * stride_ob + offs_n[:, None] * stride_on + offs_d[None, :]
+        for h in range(HEADS):
+            x = tl.load(x_rows + h * D, mask=mask, other=0.0)
+            w = tl.load(w_ptr + h * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+            a = x.to(tl.float32) * inv[:, None]
+            if ROUND_NORM:  # diffusers casts the normalised row to the weight's 16-bit dtype before the product
+                a = a.to(x.dtype).to(tl.float32)
+            a = tl.maximum((a * w[None, :]).to(x.dtype), 0.0)
+            af = a.to(tl.float32)
+            a_even, a_odd = tl.split(tl.reshape(af, (ROWS, BLOCK_D // 2, 2)))
+            r_even = a_even * c - a_odd * s
+            r_odd = a_even * s + a_odd * c
+            rot = tl.reshape(tl.join(r_even, r_odd), (ROWS, BLOCK_D))
+            if SCALE:
+                z = tl.load(z_ptr + b * stride_zb + h * D + offs_d, mask=offs_d < D, other=0.0)
+                rot = rot / (tl.sum(af * z[None, :], axis=1) + eps)[:, None]
+            tl.store(r_ptr + out_rows + h * D, rot.to(r_ptr.dtype.element_ty), mask=mask)
+            if not SCALE:
+                tl.store(a_ptr + out_rows + h * D, a, mask=mask)
+
+    # Rows a program and warps, tried once per shape on the GPU.
+    _NORM_TILES = [triton.Config({"ROWS": r}, num_warps=w)
+                   for r, w in ((4, 2), (4, 4), (8, 4), (8, 8), (16, 8), (32, 8))]
+    _norm_rotate_tuned = triton.autotune(configs=_NORM_TILES, key=["N", "HEADS", "D", "SCALE"])(_norm_rotate_kernel)
+
 CHUNK_MULTIPLE = 128  # every tile size above divides a chunk
 
 
@@ -346,6 +420,30 @@ def _apply_triton(q, cos, sin, S, z, eps: float, block_n: int | None = None):
     return out
 
 
+
+def _norm_rotate_triton(x, weight, norm_eps: float, cos, sin, heads: int, z, eps: float, rows: int | None = None,
+                        num_warps: int = 4):
+    """``rows`` given: that tile; else autotuned on the GPU (4 rows under the interpreter)."""
+    B, N, HD = x.shape
+    d = HD // heads
+    x = _check(x, "x")
+    cos, sin = _tables(cos, sin, N, d)
+    if cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    rot = torch.empty(B, N, HD, device=x.device, dtype=x.dtype)
+    act = torch.empty_like(rot) if z is None else rot.new_empty(0)
+    zc = z.float().contiguous() if z is not None else cos  # not read without SCALE
+    args = (x, weight.contiguous(), cos, sin, zc, rot, act, N, norm_eps, eps,
+            x.stride(0), x.stride(1), rot.stride(0), rot.stride(1), cos.stride(0), HD if z is not None else 0)
+    meta = dict(HEADS=heads, D=d, BLOCK_D=max(2, triton.next_power_of_2(d)),
+                ROUND_NORM=weight.dtype in (torch.float16, torch.bfloat16), SCALE=z is not None)
+    if rows is None and not interpreting():
+        _norm_rotate_tuned[lambda m: (triton.cdiv(N, m["ROWS"]), B)](*args, **meta)
+    else:
+        rows = rows or 4
+        _norm_rotate_kernel[(triton.cdiv(N, rows), B)](*args, **meta, ROWS=rows, num_warps=num_warps)
+    return rot, act
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Public API
 
@@ -395,3 +493,32 @@ def _apply_op(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, S: torch.Te
 @_apply_op.register_fake
 def _(q, cos, sin, S, z, eps):
     return torch.empty(q.shape, device=q.device, dtype=q.dtype)
+
+
+def norm_rotate(x: torch.Tensor, weight: torch.Tensor, norm_eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                heads: int, z: torch.Tensor | None = None, eps: float = EPS,
+                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM form's prologue: ``(rot(a), a)`` with a = relu(RMSNorm(x)) for k (``z`` None), or
+    ``(rot(a) / (z . a + eps), empty)`` for q (z [B, heads, d], fp32). x [B, N, heads*d] (a row-strided view is read
+    in place), ``weight`` the norm's [heads*d] weight in x's dtype, per-pair tables [N, d/2]."""
+    if x.dim() != 3 or x.shape[-1] % heads or weight.shape != (x.shape[-1],):
+        raise ValueError(f"x must be [B, N, heads*d] with a [heads*d] weight, got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    if resolve_impl(impl, x) == "triton" and weight.dtype == x.dtype:
+        return _norm_rotate_triton(x, weight, norm_eps, cos, sin, heads, z, eps)
+    rot, act = norm_rotate_reference(x, weight, norm_eps, cos, sin, heads, z, eps)
+    return rot, (act if z is None else act.new_empty(0))
+
+
+@torch.library.custom_op("sana::norm_rotate", mutates_args=())
+def _norm_rotate_op(x: torch.Tensor, weight: torch.Tensor, norm_eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                    heads: int, z: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm_rotate(x, weight, norm_eps, cos, sin, heads, z, eps)
+
+
+@_norm_rotate_op.register_fake
+def _(x, weight, norm_eps, cos, sin, heads, z, eps):
+    dtype = torch.promote_types(x.dtype, weight.dtype) if weight.dtype not in (torch.float16, torch.bfloat16) \
+        else weight.dtype
+    rot = x.new_empty(x.shape, dtype=dtype)
+    return rot, (x.new_empty(x.shape, dtype=dtype) if z is None else x.new_empty(0, dtype=dtype))

@@ -1,7 +1,7 @@
 """Profiles of one bf16 fast step at 480p (CFG batch 2, random weights) with the linear attention as pointwise
 work + cuBLAS GEMMs ("gemm") and as the fused Triton kernels ("triton"): the top kernels of each, by GPU time.
 
-    python benchmarks/results/la-cublas-probe/profile_attention.py OUT_DIR     # CUDA
+    python benchmarks/results/la-cublas-probe/profile_attention.py OUT_DIR [gemm,gemm-compiled,triton]   # CUDA
 """
 import copy
 import json
@@ -25,7 +25,7 @@ with torch.device("cuda"):
 base = base.to(torch.bfloat16)
 x, text, t, mask = transformer_inputs(cfg, 2, 21, 60, 104, 300, "cuda", torch.bfloat16)
 summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.orig_argv)}
-for attention in ("gemm", "triton"):
+for attention in (sys.argv[2].split(",") if len(sys.argv) > 2 else ("gemm", "triton")):
     model = optimize(copy.deepcopy(base), compile=True, attention=attention)
     with torch.inference_mode():
         for _ in range(2):
