@@ -4,6 +4,8 @@ max_len-1, as diffusers' ``select_index``), with the padding mask."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
 
@@ -47,6 +49,9 @@ class TextEncoder:
         self.use_instruction = use_instruction
         self.tokenizer.padding_side = "right"
         self._instruction_tokens = None
+        # A fast tokenizer keeps its padding and truncation settings in its shared Rust backend and sets them on
+        # every call: a prompt check (no padding) in one thread could strip the padding from another's encode.
+        self._tokenize_lock = threading.Lock()
 
     @property
     def hidden_size(self) -> int:
@@ -65,7 +70,8 @@ class TextEncoder:
             chi = "\n".join(COMPLEX_HUMAN_INSTRUCTION)
             texts = [chi + t for t in texts]
             if self._instruction_tokens is None:
-                self._instruction_tokens = len(self.tokenizer.encode(chi))
+                with self._tokenize_lock:
+                    self._instruction_tokens = len(self.tokenizer.encode(chi))
             total = self._instruction_tokens + self.max_sequence_length - 2
         return texts, total
 
@@ -73,7 +79,8 @@ class TextEncoder:
         """(tokens, limit) when ``prompt`` is longer than the encoder reads (``encode`` would cut its end off), else
         None. Counted as ``encode`` counts: special tokens and the instruction prefix included."""
         (text,), total = self._texts([prompt], with_instruction)
-        n = len(self.tokenizer.encode(text))
+        with self._tokenize_lock:
+            n = len(self.tokenizer.encode(text))
         return (n, total) if n > total else None
 
     @torch.no_grad()
@@ -81,9 +88,9 @@ class TextEncoder:
         device = self.model.device
         max_len = self.max_sequence_length
         texts, total = self._texts(prompts, with_instruction)
-        enc = self.tokenizer(
-            texts, padding="max_length", max_length=total, truncation=True, add_special_tokens=True, return_tensors="pt"
-        )
+        with self._tokenize_lock:
+            enc = self.tokenizer(texts, padding="max_length", max_length=total, truncation=True,
+                                 add_special_tokens=True, return_tensors="pt")
         ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
         hidden = self.model(ids, attention_mask=mask)[0]
         select = [0] + list(range(-max_len + 1, 0))

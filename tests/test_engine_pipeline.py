@@ -215,3 +215,34 @@ def test_streams_in_two_threads_make_the_same_videos_as_one_at_a_time():
         for s in params:
             assert isinstance(got[s], np.ndarray), got[s]
             assert np.array_equal(got[s], alone[s]), s
+
+
+def test_prompt_checks_and_encodes_in_threads_keep_the_padding():
+    """The tokenizer's padding lives in its shared backend: a prompt-length check (unpadded) in one thread once
+    stripped the padding from another thread's encode, which then failed to index its tokens."""
+    import threading
+
+    te = VideoPipeline.from_pretrained("tiny-causal").text_encoder
+    shapes, errors, stop = set(), [], threading.Event()
+
+    def check():
+        while not stop.is_set():
+            te.overflow("a red circle moving left")
+
+    def encode():
+        try:
+            for _ in range(200):
+                shapes.add(tuple(te.encode(["a red circle moving left"])[1].shape))
+        except Exception as exc:  # recorded, so the assertion below shows it
+            errors.append(exc)
+
+    checkers = [threading.Thread(target=check) for _ in range(2)]
+    encoders = [threading.Thread(target=encode) for _ in range(2)]
+    for t in checkers + encoders:
+        t.start()
+    for t in encoders:
+        t.join(120)
+    stop.set()
+    for t in checkers:
+        t.join(120)
+    assert not errors and shapes == {(1, te.max_sequence_length)}, (errors[:1], shapes)
