@@ -153,14 +153,16 @@ class Services:
         wait_until(healthy, 60, what="API /healthz")
         return url
 
-    def worker(self, model: str = "tiny", wait: bool = True, metrics_port: int = 0, **env: str) -> Proc:
-        """Start a worker on ``model`` (CPU); with ``wait``, return once it heartbeats in Redis."""
+    def worker(self, model: str = "tiny", wait: bool = True, metrics_port: int = 0, device: str = "cpu",
+               timeout: float = 120, **env: str) -> Proc:
+        """Start a worker on ``model`` and ``device``; with ``wait``, return once it heartbeats in Redis (at most
+        ``timeout`` seconds: a GPU worker compiles and warms up first)."""
         proc = Proc(f"worker-{model}-{len(self.procs)}",
-                    [sys.executable, "-m", "workers", "--model", model, "--device", "cpu",
+                    [sys.executable, "-m", "workers", "--model", model, "--device", device,
                      "--metrics-port", str(metrics_port)], self.env(**env), self.workdir)
         self.procs.append(proc)
         if wait:
-            self.wait_worker(proc)
+            self.wait_worker(proc, timeout)
         return proc
 
     def wait_worker(self, proc: Proc, timeout: float = 120) -> None:
