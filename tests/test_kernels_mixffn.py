@@ -60,9 +60,11 @@ INTERPRETER_CHECK = textwrap.dedent("""
         variants = ((ib, True), (None, False)) if dtype == torch.float32 else ((ib, True),)
         for in_bias, act in variants:
             ref = mixffn.dwconv_glu_reference(x.float(), w, b, in_bias, act)
-            out = mixffn._dwconv_glu_triton(x, w, b, in_bias, act, rows=3, block_w=4, block_c=16, num_warps=1)
-            assert out.dtype == dtype and torch.isfinite(out).all()
-            assert rel(out, ref) < tol, (dtype, in_bias is None, act, rel(out, ref))
+            for prefetch in (False, True):  # the next row's loads issued before this row's arithmetic, or not
+                out = mixffn._dwconv_glu_triton(x, w, b, in_bias, act, rows=3, block_w=4, block_c=16, num_warps=1,
+                                                prefetch=prefetch)
+                assert out.dtype == dtype and torch.isfinite(out).all()
+                assert rel(out, ref) < tol, (dtype, in_bias is None, act, prefetch, rel(out, ref))
     print("ok")
 """)
 

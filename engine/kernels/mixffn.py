@@ -54,25 +54,45 @@ if triton is not None:
             return x / (1.0 + tl.exp(-x))
 
     @triton.jit
-    def _act_row(x_row, offs_w, shift, mask_cw, row_ok, W, stride_w, c_off, in_b, ACT: tl.constexpr,
-                 HAS_IN_BIAS: tl.constexpr, FAST: tl.constexpr):
-        """Activated input row at columns offs_w + shift, zero outside the image (the conv's zero padding)."""
+    def _in_image(r, H, offs_w, shift, mask_cw, W):
+        """Where input row r at columns offs_w + shift lies inside the image (the conv's zero padding outside)."""
+        rows_r = offs_w * 0 + r  # a block, not a scalar: the Triton interpreter turns a scalar & block into int32
         cols = offs_w + shift
-        ok = row_ok & (cols >= 0) & (cols < W)
-        m = ok[:, None] & mask_cw
-        v = tl.load(x_row + cols[:, None] * stride_w + c_off[None, :], mask=m, other=0.0).to(tl.float32)
+        ok = (rows_r >= 0) & (rows_r < H) & (cols >= 0) & (cols < W)
+        return ok[:, None] & mask_cw
+
+    @triton.jit
+    def _load_row(x_img, r, H, offs_w, mask_cw, W, stride_h, stride_w, ca, cg):
+        """Input row r as it is stored, at the three column shifts of both halves (zero outside the image)."""
+        x_row = x_img + r * stride_h
+        m_l = _in_image(r, H, offs_w, -1, mask_cw, W)
+        m_c = _in_image(r, H, offs_w, 0, mask_cw, W)
+        m_r = _in_image(r, H, offs_w, 1, mask_cw, W)
+        left = x_row + (offs_w[:, None] - 1) * stride_w
+        centre = x_row + offs_w[:, None] * stride_w
+        right = x_row + (offs_w[:, None] + 1) * stride_w
+        return (tl.load(left + ca[None, :], mask=m_l, other=0.0), tl.load(centre + ca[None, :], mask=m_c, other=0.0),
+                tl.load(right + ca[None, :], mask=m_r, other=0.0), tl.load(left + cg[None, :], mask=m_l, other=0.0),
+                tl.load(centre + cg[None, :], mask=m_c, other=0.0), tl.load(right + cg[None, :], mask=m_r, other=0.0))
+
+    @triton.jit
+    def _activate(v, r, H, offs_w, shift, mask_cw, W, in_b, ACT: tl.constexpr, HAS_IN_BIAS: tl.constexpr,
+                  FAST: tl.constexpr):
+        """A loaded tile activated (bias + SiLU), zero outside the image (the conv's zero padding)."""
+        v = v.to(tl.float32)
         if HAS_IN_BIAS:
             v = v + in_b[None, :]
         if ACT:
             v = _silu(v, FAST)
-        return tl.where(m, v, 0.0)
+        return tl.where(_in_image(r, H, offs_w, shift, mask_cw, W), v, 0.0)
 
     @triton.jit
     def _dwconv_glu_kernel(x_ptr, w_ptr, b_ptr, ib_ptr, o_ptr,
                            H, W, C,
                            stride_xi, stride_xh, stride_xw, stride_oi, stride_oh, stride_ow,
                            ACT: tl.constexpr, HAS_IN_BIAS: tl.constexpr, FAST: tl.constexpr,
-                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                           ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                           PREFETCH: tl.constexpr = False):
         n_strips = tl.cdiv(H, ROWS)
         pid = tl.program_id(0)
         img = (pid // n_strips).to(tl.int64)  # image offsets can pass 2^31 elements
@@ -117,17 +137,22 @@ if triton is not None:
         g_mid = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
         x_img = x_ptr + img * stride_xi
         o_img = o_ptr + img * stride_oi
+        if PREFETCH:  # loads of the next row issued before this row's arithmetic, to overlap their latency
+            nl, nc, nr, ngl, ngc, ngr = _load_row(x_img, y0 - 1, H, offs_w, mask_cw, W, stride_xh, stride_xw, ca, cg)
         for i in range(ROWS + 2):
             r = y0 - 1 + i
-            rows_r = offs_w * 0 + r  # a block, not a scalar: the Triton interpreter turns a scalar & block into int32
-            row_ok = (rows_r >= 0) & (rows_r < H)
-            x_row = x_img + r * stride_xh
-            al = _act_row(x_row, offs_w, -1, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
-            ac = _act_row(x_row, offs_w, 0, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
-            ar = _act_row(x_row, offs_w, 1, mask_cw, row_ok, W, stride_xw, ca, iba, ACT, HAS_IN_BIAS, FAST)
-            gl = _act_row(x_row, offs_w, -1, mask_cw, row_ok, W, stride_xw, cg, ibg, ACT, HAS_IN_BIAS, FAST)
-            gc = _act_row(x_row, offs_w, 0, mask_cw, row_ok, W, stride_xw, cg, ibg, ACT, HAS_IN_BIAS, FAST)
-            gr = _act_row(x_row, offs_w, 1, mask_cw, row_ok, W, stride_xw, cg, ibg, ACT, HAS_IN_BIAS, FAST)
+            if PREFETCH:
+                xl, xc, xr, xgl, xgc, xgr = nl, nc, nr, ngl, ngc, ngr
+                nl, nc, nr, ngl, ngc, ngr = _load_row(x_img, r + 1, H, offs_w, mask_cw, W, stride_xh, stride_xw, ca,
+                                                      cg)
+            else:
+                xl, xc, xr, xgl, xgc, xgr = _load_row(x_img, r, H, offs_w, mask_cw, W, stride_xh, stride_xw, ca, cg)
+            al = _activate(xl, r, H, offs_w, -1, mask_cw, W, iba, ACT, HAS_IN_BIAS, FAST)
+            ac = _activate(xc, r, H, offs_w, 0, mask_cw, W, iba, ACT, HAS_IN_BIAS, FAST)
+            ar = _activate(xr, r, H, offs_w, 1, mask_cw, W, iba, ACT, HAS_IN_BIAS, FAST)
+            gl = _activate(xgl, r, H, offs_w, -1, mask_cw, W, ibg, ACT, HAS_IN_BIAS, FAST)
+            gc = _activate(xgc, r, H, offs_w, 0, mask_cw, W, ibg, ACT, HAS_IN_BIAS, FAST)
+            gr = _activate(xgr, r, H, offs_w, 1, mask_cw, W, ibg, ACT, HAS_IN_BIAS, FAST)
             # Output row r-1 is complete once input row r added its bottom taps (ky = 2).
             a_done = a_up + wa6[None, :] * al + wa7[None, :] * ac + wa8[None, :] * ar + ba[None, :]
             g_done = g_up + wg6[None, :] * gl + wg7[None, :] * gc + wg8[None, :] * gr + bg[None, :]
@@ -144,23 +169,26 @@ if triton is not None:
 
     # Tile shapes to try once per (H, W, C) on the GPU; the grid follows the chosen tiles. Narrow column tiles keep
     # the 18 per-channel weights and 4 pending rows within ~80-110 registers (more resident warps to hide loads).
-    # Tall strips re-read fewer halo rows: at 480p (30 token rows) the best of 124 tiles on an H100 was a whole
-    # image's height, 2 columns, 128 channels, 2 warps, 6.5% faster than the earlier choice
-    # (benchmarks/results/dwconv-tiles/dwconv_tile_sweep_h100.json).
+    # Tall strips re-read fewer halo rows, and loading the next row before this row's arithmetic (PREFETCH) hides
+    # the loads' latency: at 480p (30 token rows) on an H100, a whole image's height, 2 columns, 128 channels,
+    # 2 warps with PREFETCH took 1.658 ms against 1.907 ms for the earlier choice
+    # (benchmarks/results/dwconv-tiles/).
     _TILES = [
         triton.Config({"ROWS": 16, "BLOCK_W": 4, "BLOCK_C": 128}, num_warps=4),
         triton.Config({"ROWS": 32, "BLOCK_W": 4, "BLOCK_C": 64}, num_warps=2),
         triton.Config({"ROWS": 16, "BLOCK_W": 2, "BLOCK_C": 256}, num_warps=4),
         triton.Config({"ROWS": 16, "BLOCK_W": 8, "BLOCK_C": 128}, num_warps=4),
-        triton.Config({"ROWS": 32, "BLOCK_W": 2, "BLOCK_C": 128}, num_warps=2),
-        triton.Config({"ROWS": 32, "BLOCK_W": 2, "BLOCK_C": 256}, num_warps=4),
-        triton.Config({"ROWS": 32, "BLOCK_W": 4, "BLOCK_C": 128}, num_warps=4),
+        triton.Config({"ROWS": 32, "BLOCK_W": 2, "BLOCK_C": 128, "PREFETCH": True}, num_warps=2),
+        triton.Config({"ROWS": 32, "BLOCK_W": 2, "BLOCK_C": 256, "PREFETCH": True}, num_warps=4),
+        triton.Config({"ROWS": 32, "BLOCK_W": 8, "BLOCK_C": 64, "PREFETCH": True}, num_warps=4),
+        triton.Config({"ROWS": 16, "BLOCK_W": 2, "BLOCK_C": 128, "PREFETCH": True}, num_warps=2),
     ]
     _dwconv_glu_tuned = triton.autotune(configs=_TILES, key=["H", "W", "C"])(_dwconv_glu_kernel)
 
 
 def _dwconv_glu_triton(x, weight, bias, in_bias, activate_input: bool, rows: int | None = None,
-                       block_w: int | None = None, block_c: int | None = None, num_warps: int = 4):
+                       block_w: int | None = None, block_c: int | None = None, num_warps: int = 4,
+                       prefetch: bool = False):
     """Tiles given: that configuration; else autotuned on the GPU (a fixed default under the interpreter)."""
     I, H, W, C2 = x.shape
     C = C2 // 2
@@ -179,7 +207,8 @@ def _dwconv_glu_triton(x, weight, bias, in_bias, activate_input: bool, rows: int
         return out
     rows, block_w, block_c = rows or 16, block_w or 8, block_c or 128
     grid = (I * triton.cdiv(H, rows), triton.cdiv(W, block_w), triton.cdiv(C, block_c))
-    _dwconv_glu_kernel[grid](*args, **flags, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+    _dwconv_glu_kernel[grid](*args, **flags, ROWS=rows, BLOCK_W=block_w, BLOCK_C=block_c, PREFETCH=prefetch,
+                             num_warps=num_warps)
     return out
 
 
