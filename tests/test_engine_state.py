@@ -93,7 +93,7 @@ def test_temporal_conv_uses_left_context_only(model):
     # Explicit taps: out[f] = x[f] + W0 x[f-1] + W1 x[f] + W2 x[f+1], x[f+1] dropped at a block's last frame.
     w = ff.conv_temp.weight[:, :, :, 0]  # [C_out, C_in, 3]
     expected = t.clone()
-    ends = {1, 4}
+    ends = {blocks[0] - 1, sum(blocks) - 1}  # each block's last frame
     for f in range(5):
         acc = torch.einsum("oi,bin->bon", w[:, :, 1], t[:, :, f])
         if f > 0:
@@ -101,8 +101,8 @@ def test_temporal_conv_uses_left_context_only(model):
         if f + 1 < 5 and f not in ends:
             acc += torch.einsum("oi,bin->bon", w[:, :, 2], t[:, :, f + 1])
         expected[:, :, f] += acc
-    first = ff.temporal(t[:, :, :2], None)
-    second = ff.temporal(t[:, :, 2:], t[:, :, 1:2])
+    first = ff.temporal(t[:, :, :blocks[0]], None)
+    second = ff.temporal(t[:, :, blocks[0]:], t[:, :, blocks[0] - 1:blocks[0]])
     assert rel_err(torch.cat([first, second], 2), expected) <= 1e-5
 
 
