@@ -90,6 +90,26 @@ def main(argv=None) -> int:
 
     run_case(results, "linear_attention", attention, budget, 8)
 
+    qk = rnd(B, N, 2 * C)  # q|k as slices of one projection's output, before their norm
+    norm_w = (torch.rand(C, generator=g) + 0.5).to(device, dt)
+    z_tot = torch.rand(B, heads, d, generator=g).to(device) * N
+
+    def norm_rotate():
+        """The GEMM attention's prologue (RMS norm + ReLU + rotation; for q the denominator) against its reference."""
+        row = {}
+        for name, x, z in (("k", qk[..., C:], None), ("q", qk[..., :C], z_tot)):
+            ref = la.norm_rotate_reference(x.float(), norm_w.float(), 1e-5, cos, sin, heads, z)[0]
+            out = la.norm_rotate(x, norm_w, 1e-5, cos, sin, heads, z, impl=impl)[0]
+            t = bench(lambda: la.norm_rotate(x, norm_w, 1e-5, cos, sin, heads, z, impl=impl), device, iters=iters)
+            t_ref = bench(lambda: la.norm_rotate_reference(x, norm_w, 1e-5, cos, sin, heads, z), device,
+                          iters=max(2, iters // 4))
+            moved = (2 if z is not None else 3) * B * N * C * x.element_size()  # read x; write rot (and k)
+            row.update({f"{name}_rel_err": rel_err(out, ref), f"{name}_s": t, f"{name}_reference_s": t_ref,
+                        f"{name}_speedup": round(t_ref / t, 2), f"{name}_gbps": round(moved / t / 1e9, 1)})
+        return row
+
+    run_case(results, "norm_rotate", norm_rotate, budget, 6)
+
     e = rnd(B * Fr, H, W, 2 * hidden)
     w_dw = (torch.randn(2 * hidden, 1, 3, 3, generator=g) / 3).to(device, dt)
     b_dw, b_in = rnd(2 * hidden), rnd(2 * hidden)
