@@ -420,7 +420,6 @@ def _apply_triton(q, cos, sin, S, z, eps: float, block_n: int | None = None):
     return out
 
 
-
 def _norm_rotate_triton(x, weight, norm_eps: float, cos, sin, heads: int, z, eps: float, rows: int | None = None,
                         num_warps: int = 4):
     """``rows`` given: that tile; else autotuned on the GPU (4 rows under the interpreter)."""
@@ -443,6 +442,7 @@ def _norm_rotate_triton(x, weight, norm_eps: float, cos, sin, heads: int, z, eps
         rows = rows or 4
         _norm_rotate_kernel[(triton.cdiv(N, rows), B)](*args, **meta, ROWS=rows, num_warps=num_warps)
     return rot, act
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Public API
