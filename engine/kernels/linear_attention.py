@@ -91,10 +91,20 @@ def rotate_swapped(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Te
     return xf * cos_full[None, :, None, :] + swapped * sin_signed[None, :, None, :]
 
 
+def gemm_operand(xh: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, z: torch.Tensor | None = None,
+                 eps: float = EPS) -> torch.Tensor:
+    """The GEMMs' operand from xh [B, N, heads, d]: rot(x) (k's, ``z`` None) or rot(x) / (z . x + eps) (q's, z
+    [B, heads, d]), rounded to x's dtype, as [B, N, heads*d]. Tables from ``swap_tables``."""
+    rot = rotate_swapped(xh, cos_full, sin_signed)
+    if z is not None:
+        rot = rot / ((xh.float() * z[:, None]).sum(-1, keepdim=True) + eps)
+    return rot.to(xh.dtype).flatten(2)
+
+
 def sums_gemm(k: torch.Tensor, v: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor, heads: int):
     """``sums_reference`` as pointwise work plus batched GEMMs: S [B, heads, d, d], z [B, heads, d] (fp32).
     Tables from ``swap_tables``."""
-    rot_k = rotate_swapped(k.unflatten(-1, (heads, -1)), cos_full, sin_signed).to(k.dtype).flatten(2)
+    rot_k = gemm_operand(k.unflatten(-1, (heads, -1)), cos_full, sin_signed)
     return torch.ops.sana.head_outer_sums(v, rot_k, k, heads)
 
 
@@ -103,10 +113,8 @@ def apply_gemm(q: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor
     """``apply_reference`` as pointwise work plus one batched GEMM: out [B, N, heads*d] in q's dtype. Tables from
     ``swap_tables``."""
     heads = S.shape[1]
-    qh = q.unflatten(-1, (heads, -1))
-    den = (qh.float() * z[:, None]).sum(-1, keepdim=True) + eps
-    x = (rotate_swapped(qh, cos_full, sin_signed) / den).to(q.dtype)
-    return torch.ops.sana.head_products(x.flatten(2), S.to(q.dtype), heads)
+    x = gemm_operand(q.unflatten(-1, (heads, -1)), cos_full, sin_signed, z, eps)
+    return torch.ops.sana.head_products(x, S.to(q.dtype), heads)
 
 
 @torch.library.custom_op("sana::head_outer_sums", mutates_args=())
@@ -176,11 +184,7 @@ def norm_rotate_reference(x: torch.Tensor, weight: torch.Tensor, norm_eps: float
     if weight.dtype in (torch.float16, torch.bfloat16):
         a = a.to(weight.dtype)
     a = torch.relu(a * weight)
-    ah = a.unflatten(-1, (heads, -1))
-    rot = rotate_swapped(ah, *swap_tables(cos, sin))
-    if z is not None:
-        rot = rot / ((ah.float() * z[:, None]).sum(-1, keepdim=True) + eps)
-    return rot.to(a.dtype).flatten(2), a
+    return gemm_operand(a.unflatten(-1, (heads, -1)), *swap_tables(cos, sin), z, eps), a
 
 
 # ---------------------------------------------------------------------------------------------------------------------
