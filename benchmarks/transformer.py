@@ -44,6 +44,8 @@ DEFAULT_CASES = {  # run in this order; errors against fp32 are filled in whenev
     "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fast_compiled_prologue_compiled",
              "ours_fast_compiled_triton_attention", "ours_fp8_compiled", "fp32_reference"],
 }
+# The bf16 fast models and their linear-attention form (engine.fast.optimize's ``attention``).
+ATTENTION_OF = {"fast": "gemm", "fast_gemm_compiled": "gemm-compiled", "fast_triton": "triton"}
 # Rough seconds each case needs (compile included) on an H100, to skip what the budget cannot hold.
 NEEDS_S = {"fp32_reference": 15, "diffusers_fp32": 10, "diffusers_eager": 8, "diffusers_compiled": 50,
            "ours_fast_compiled": 40, "ours_fast_compiled_prologue_compiled": 40,
@@ -98,13 +100,9 @@ def main(argv=None) -> int:
                 models[name] = clone_as(diffusers32, bf)
             elif name == "ours":
                 models[name] = clone_as(ours32, bf)
-            elif name == "fast":
-                models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend)
-            elif name == "fast_gemm_compiled":
+            elif name in ATTENTION_OF:
                 models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend,
-                                        attention="gemm-compiled")
-            elif name == "fast_triton":
-                models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend, attention="triton")
+                                        attention=ATTENTION_OF[name])
             elif name == "fp8":
                 models[name] = optimize(clone_as(ours32, bf), fp8=True, compile=True, compile_backend=backend)
             elif name == "fast_eager":
