@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Sequence
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
@@ -273,6 +274,11 @@ class FastBlock(nn.Module):
         if state is not None:
             S_prev, z_prev = state.attention_sums(layer)
             left = state.conv_context(layer)
+        # One compiled graph for every text length (the pipeline cuts the text's padding: lengths vary by prompt).
+        if context.shape[1] > 1:
+            torch._dynamo.mark_dynamic(context, 1)
+            if context_bias is not None:
+                torch._dynamo.mark_dynamic(context_bias, 2)
         x, S, z, last = self.core(x, context, context_bias, temb, cos, sin, tuple(grid), S_prev, z_prev, left,
                                   None if block_frames is None else tuple(block_frames))
         if commit:

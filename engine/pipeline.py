@@ -34,7 +34,7 @@ from engine.loading import (
 )
 from engine.presets import PRESETS, ModelPreset, get_preset
 from engine.state import BlockState
-from engine.text import TextEncoder, build_text_encoder, build_word_tokenizer
+from engine.text import TextEncoder, build_text_encoder, build_word_tokenizer, cut_padding
 from engine.types import GenerationParams, Progress, VideoChunk
 from engine.vae import StreamingDecoder, build_vae, to_uint8, to_uint8_frames
 
@@ -103,6 +103,9 @@ class VideoPipeline:
         self.fast_vae = False
         # Streams on CUDA: decode each block on a side CUDA stream while the next one is denoised (DecodeQueue).
         self.overlap_decode = True
+        # Cross-attention over the prompts' real tokens, not their padding to max_sequence_length (exact:
+        # engine.text.cut_padding; a TensorRT engine built for the full length gets the padding back).
+        self.cut_text_padding = True
         # One transformer forward at a time: a commit keeps per-layer sums on the modules between two calls, and
         # CUDA graphs replay into shared buffers, so generations in several threads take turns step by step.
         self._forward_lock = threading.Lock()
@@ -329,6 +332,8 @@ class VideoPipeline:
         if cfg:
             neg, neg_mask = self.text_encoder.encode([params.negative_prompt], with_instruction=False)
             emb, mask = torch.cat([neg, emb]), torch.cat([neg_mask, mask])
+        if self.cut_text_padding:
+            emb, mask = cut_padding(emb, mask)
         return emb.to(self.dtype), mask
 
     def _velocity(self, x, t: float, emb, mask, guidance: float, cfg: bool, **kw) -> torch.Tensor:

@@ -39,6 +39,26 @@ def build_text_encoder(config: dict, vocab_size: int, seed: int) -> Gemma2Model:
     return Gemma2Model(cfg).eval()
 
 
+def cut_padding(text: torch.Tensor, mask: torch.Tensor, multiple: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text [B, L, C], mask [B, L]) without the trailing columns that every sample masks out, what is kept rounded
+    up to a multiple of ``multiple`` (views; reads the mask on the host once).
+
+    The transformer's cross-attention adds -1e4 to a padded key's score, so its softmax weight underflows to exactly
+    0 as long as the row has one real key: without those keys the video is the same (to the summation order), and
+    the cross-attention reads a prompt's tens of tokens instead of ``max_sequence_length`` (300). A sample without
+    any real token attends evenly to its padding, so then nothing is cut.
+    """
+    if mask.ndim != 2 or mask.shape[1] <= multiple:
+        return text, mask
+    real = mask != 0
+    position = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last, every_row = torch.stack([(real * position).amax(), real.any(dim=1).all().long()]).tolist()
+    keep = min(mask.shape[1], -(-last // multiple) * multiple)
+    if not every_row or keep == mask.shape[1]:
+        return text, mask
+    return text[:, :keep], mask[:, :keep]
+
+
 class TextEncoder:
     """Tokenizer + Gemma2 encoder; ``encode`` returns ([B, L, hidden], mask [B, L])."""
 

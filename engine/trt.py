@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import EngineError
@@ -356,9 +357,10 @@ class TRTDenoiser(nn.Module):
         plain = state is None and not commit and block_frames is None and guidance is None and encoder_attention_mask is not None
         if plain:
             for runner in self.runners:
-                if runner.accepts(tensors):
+                fitted = padded_text(tensors, runner)
+                if runner.accepts(fitted):
                     self.engine_calls += 1
-                    return runner.run(tensors).to(hidden_states.dtype)
+                    return runner.run(fitted).to(hidden_states.dtype)
         if self.fallback is not None:
             self.fallback_calls += 1
             return self.fallback(hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, guidance,
@@ -368,6 +370,19 @@ class TRTDenoiser(nn.Module):
             f"no engine for this call (inputs {got}; engines serve {self.buckets()}) and no PyTorch fallback: build "
             "an engine for this size with `sana-video build-engine --height H --width W --frames N`"
         )
+
+
+def padded_text(tensors: dict[str, torch.Tensor], runner) -> dict[str, torch.Tensor]:
+    """``tensors`` with the text and its mask padded with masked-out tokens up to the length ``runner``'s engine
+    was built for (the pipeline cuts a prompt's padding: engine.text.cut_padding; padding back is exact)."""
+    want = runner.sidecar.input_shapes().get("encoder_attention_mask")
+    mask = tensors["encoder_attention_mask"]
+    if want is None or len(want) != 2 or mask.ndim != 2 or mask.shape[1] >= want[1]:
+        return tensors
+    extra = want[1] - mask.shape[1]
+    text = tensors["encoder_hidden_states"]
+    return {**tensors, "encoder_hidden_states": F.pad(text, (0, 0, 0, extra)),
+            "encoder_attention_mask": F.pad(mask, (0, extra))}
 
 
 class DenoiserChoice(NamedTuple):

@@ -246,3 +246,37 @@ def test_prompt_checks_and_encodes_in_threads_keep_the_padding():
     for t in checkers:
         t.join(120)
     assert not errors and shapes == {(1, te.max_sequence_length)}, (errors[:1], shapes)
+
+
+def test_text_padding_is_cut_and_the_video_stays_the_same(clip):
+    """The denoiser reads the prompts' real tokens (rounded up to 16), not their padding to max_sequence_length;
+    the keys that go are masked out in every sample, so the video is the same."""
+    lengths = []
+    hook = clip.transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[1].shape[1]))
+    try:
+        _, cut = video(clip, seed=3, frames=9, steps=2)
+        clip.cut_text_padding = False
+        _, full = video(clip, seed=3, frames=9, steps=2)
+    finally:
+        clip.cut_text_padding = True
+        hook.remove()
+    assert clip.text_encoder.max_sequence_length == 32 and lengths == [16, 16, 32, 32]
+    assert np.abs(cut.astype(int) - full.astype(int)).max() <= 1
+
+
+def test_cut_padding_keeps_every_real_token():
+    from engine.text import cut_padding
+
+    text = torch.randn(2, 40, 8)
+
+    def mask_of(*lengths):
+        return (torch.arange(40)[None] < torch.tensor(lengths)[:, None]).float()
+
+    for lengths, kept in (((3, 9), 16), ((17, 1), 32), ((40, 1), 40), ((33, 2), 40), ((0, 5), 40)):
+        got_text, got_mask = cut_padding(text, mask_of(*lengths))
+        assert got_text.shape[1] == got_mask.shape[1] == kept, lengths
+        assert torch.equal(got_text, text[:, :kept])
+    # A real token after padding (left padding, or none at all) keeps everything up to it.
+    mask = torch.zeros(2, 40)
+    mask[0, 35] = mask[1, 0] = 1
+    assert cut_padding(text, mask)[1].shape[1] == 40
