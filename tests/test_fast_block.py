@@ -22,6 +22,7 @@ from engine.kernels.fp8 import FP8Linear
 from engine.model import SanaVideoTransformer, pointwise_convs_to_linear
 from engine.presets import TINY_TRANSFORMER
 from engine.state import BlockState, ReferenceBlockState
+from engine.text import cut_padding
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,22 @@ def test_clip_and_block_causal_equal_reference(name, attention):
     with torch.no_grad():
         assert rel_err(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
         assert rel_err(fast(x, text, t, mask, block_frames=[1, 3]), ref(x, text, t, mask, block_frames=[1, 3])) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_norm_kernels_equal_reference(causal):
+    """The opt-in residual add + LayerNorm + modulation ops (their references on the CPU) in clips and streams."""
+    config = CONFIGS["biased-3-heads"]
+    ref, fast = models(config, causal=causal, norm_kernels=True)
+    assert fast.fast_settings.norm_kernels and fast.transformer_blocks[0].core.norm_kernels
+    x, text, t, mask = inputs(config, frames=2)
+    with torch.no_grad():
+        assert rel_err(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
+        if causal:
+            s_ref, s_fast = BlockState.for_model(ref, 2, 6, 8), BlockState.for_model(fast, 2, 6, 8)
+            ref(x, text, t, mask, state=s_ref, commit=True)
+            fast(x, text, t, mask, state=s_fast, commit=True)
+            assert rel_err(fast(x, text, t, mask, state=s_fast), ref(x, text, t, mask, state=s_ref)) < 1e-5
 
 
 def test_unknown_attention_is_refused():
@@ -131,6 +148,34 @@ def test_blocks_share_one_compiled_graph():
         assert counters["stats"]["unique_graphs"] == 2  # + the stream variant (commit happens outside)
 
 
+def padded_text(config, lengths, total=40, seed=3):
+    """Text [B, total, caption] whose sample i has lengths[i] real tokens, then padding (as the text encoder pads)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(len(lengths), total, config.caption_channels, generator=g)
+    mask = torch.zeros(len(lengths), total)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return text, mask
+
+
+def test_text_lengths_share_one_compiled_graph():
+    """The text length is dynamic in the compiled blocks: prompts of other lengths (the pipeline cuts their padding)
+    do not compile them again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    config = dataclasses.replace(TINY_TRANSFORMER, num_layers=2)
+    ref, fast = models(config, compile=True, compile_backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    x, _, t, _ = inputs(config)
+    with torch.no_grad():
+        for lengths in ([3, 9], [20, 2], [40, 33], [7, 7]):
+            text, mask = padded_text(config, lengths)
+            assert rel_err(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_rope_tables_stay_fp32_in_a_bf16_model():
     """A bf16 cast rounds the RoPE tables; the fast model rebuilds them in fp32 (closer to the fp32 reference)."""
     config = CONFIGS["tiny"]
@@ -181,7 +226,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
     t, mask = torch.tensor([500.0]), torch.ones(1, 5)
     # "triton": the fused linear-attention kernels; "gemm": the norm + rotation prologue kernel (GEMMs as einsum).
     for attention in ("triton", "gemm"):
-        fast = optimize(copy.deepcopy(ref), compile=False, attention=attention)
+        fast = optimize(copy.deepcopy(ref), compile=False, attention=attention, norm_kernels=attention == "gemm")
         with torch.no_grad():
             assert rel(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5, attention
             s_ref, s_fast = BlockState.for_model(ref, 1, 4, 6), BlockState.for_model(fast, 1, 4, 6)
@@ -209,7 +254,8 @@ def test_compiled_kernels_and_graphs_on_gpu(attention):
                                  num_layers=2)
     torch.manual_seed(0)
     ref = SanaVideoTransformer(config, causal=True).eval().cuda()
-    fast = optimize(copy.deepcopy(ref).bfloat16(), compile=True, attention=attention)
+    fast = optimize(copy.deepcopy(ref).bfloat16(), compile=True, attention=attention,
+                    norm_kernels=attention == "gemm")
     assert fast.fast_settings.attention == attention
     x, text, t, mask = inputs(config, frames=5, h=10, w=14, device="cuda")
     with torch.no_grad():
@@ -220,6 +266,14 @@ def test_compiled_kernels_and_graphs_on_gpu(attention):
         graphed = GraphedTransformer(fast)
         assert rel_err(graphed(xb, textb, t, mask), got) < 1e-3
         assert rel_err(graphed(xb, textb, t, mask), got) < 1e-3  # replay
+        # Texts of other lengths (the pipeline cuts their padding) through the same compiled blocks, and graphed.
+        text64, mask64 = (a.cuda() for a in padded_text(config, [5, 12], total=64))
+        cut, cut_mask = cut_padding(text64, mask64)
+        assert cut.shape[1] == 16
+        want = ref(x, text64, t, mask64)
+        assert rel_err(fast(xb, cut.bfloat16(), t, cut_mask), want) < 2e-2
+        assert rel_err(fast(xb, text64.bfloat16(), t, mask64), want) < 2e-2
+        assert rel_err(graphed(xb, cut.bfloat16(), t, cut_mask), want) < 2e-2
         s_ref, s_fast = BlockState.for_model(ref, 2, 10, 14), BlockState.for_model(fast, 2, 10, 14)
         for _ in range(2):
             ref(x, text, t, mask, state=s_ref, commit=True)

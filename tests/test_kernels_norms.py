@@ -1,0 +1,114 @@
+"""The residual add + LayerNorm + modulation kernel equals the block's own ops (TransformerBlock.forward).
+
+CPU: the reference against the block's norms; the Triton kernel under the interpreter (subprocess) with a channel
+count that is no power of two and a ragged last tile of rows. CUDA: the compiled kernel in bf16 at the model's
+width, and the fast block with the kernels against the one without.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kernels import norms, triton_available
+from engine.model import TransformerBlock
+from engine.presets import TINY_TRANSFORMER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def modulation(B, C, g):
+    return torch.randn(B, 1, C, generator=g) / 4, torch.randn(B, 1, C, generator=g) / 4
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_reference_equals_the_blocks_norms(affine):
+    import dataclasses
+
+    torch.manual_seed(0)
+    block = TransformerBlock(dataclasses.replace(TINY_TRANSFORMER, norm_elementwise_affine=affine)).eval()
+    if affine:
+        with torch.no_grad():
+            block.norm2.weight.normal_()
+            block.norm2.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    B, N, C = 2, 9, TINY_TRANSFORMER.num_attention_heads * TINY_TRANSFORMER.attention_head_dim
+    x, y = torch.randn(B, N, C, generator=g), torch.randn(B, N, C, generator=g)
+    scale, shift = modulation(B, C, g)
+    s, h = norms.add_norm_modulate(x, y, scale, shift, block.norm2.weight, block.norm2.bias, block.norm2.eps,
+                                   impl="torch")
+    assert torch.equal(s, x + y)
+    assert torch.equal(h, block.norm2(x + y) * (1 + scale) + shift)
+    _, h1 = norms.add_norm_modulate(x, None, scale, shift, None, None, block.norm1.eps, impl="torch")
+    assert torch.equal(h1, block.norm1(x) * (1 + scale) + shift)
+    got_s, got_h = torch.ops.sana.add_norm_modulate(x, y, scale, shift, block.norm2.weight, block.norm2.bias,
+                                                    block.norm2.eps)
+    assert torch.equal(got_s, s) and torch.equal(got_h, h)
+    assert torch.equal(torch.ops.sana.norm_modulate(x, scale, shift, None, None, block.norm1.eps), h1)
+
+
+def test_bad_shapes_are_refused():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"\[B, 1, C\]"):
+        norms.add_norm_modulate(x, None, torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import torch
+    from engine.kernels import norms
+    def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    g = torch.Generator().manual_seed(0)
+    B, N, C = 3, 7, 40  # 21 rows over tiles of 4: a ragged last tile; 40 channels in a block of 64
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x = (torch.randn(B, N, C, generator=g) * 3 + 1).to(dtype)
+        y = torch.randn(B, N, C, generator=g).to(dtype)
+        scale, shift = (torch.randn(B, 1, C, generator=g) / 4).to(dtype), (torch.randn(B, 1, C, generator=g) / 4).to(dtype)
+        w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+        for rows in (1, 4):
+            for has_y, affine in ((True, True), (True, False), (False, False)):
+                args = (y if has_y else None, scale, shift, w if affine else None, b if affine else None, 1e-6)
+                s, h = norms._add_norm_modulate_triton(x, *args, rows=rows, num_warps=1)
+                ref_s, ref_h = norms.add_norm_modulate_reference(x.float(), None if not has_y else y.float(),
+                                                                  *(a.float() if torch.is_tensor(a) else a
+                                                                    for a in args[1:]))
+                assert h.dtype == dtype and rel(h, ref_h) < tol, (dtype, rows, has_y, affine, rel(h, ref_h))
+                if has_y:
+                    assert torch.equal(s, x + y), (dtype, rows)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_kernel_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled Triton kernel runs on the GPU")
+@pytest.mark.parametrize("shape", [(2, 4096, 2240), (2, 300, 160), (3, 5, 40)])
+def test_triton_kernel_on_gpu(shape):
+    B, N, C = shape
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(B, N, C, generator=g) * 3 + 1).cuda().bfloat16()
+    y = torch.randn(B, N, C, generator=g).cuda().bfloat16()
+    scale, shift = (t.cuda().bfloat16() for t in modulation(B, C, g))
+    w, b = torch.randn(C, generator=g).cuda(), torch.randn(C, generator=g).cuda()
+    for has_y, weight, bias in ((True, w, b), (True, None, None), (False, None, None)):
+        s, h = norms.add_norm_modulate(x, y if has_y else None, scale, shift, weight, bias, 1e-6, impl="triton")
+        summed = (x.float() + y.float()) if has_y else x  # the kernel normalises the fp32 sum
+        _, ref_h = norms.add_norm_modulate_reference(summed.float(), None, scale.float(), shift.float(), weight, bias,
+                                                     1e-6)
+        assert h.dtype == torch.bfloat16 and rel_err(h, ref_h) < 1e-2
+        if has_y:
+            assert torch.equal(s, x + y)
