@@ -39,7 +39,7 @@ from benchmarks.common import (
 RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "smoke": (5, 8, 12)}
 DEFAULT_CASES = {  # run in this order; errors against fp32 are filled in whenever the reference has run
     "480p": ["fp32_reference", "diffusers_fp32", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled",
-             "ours_fast_compiled_prologue_compiled", "ours_fast_compiled_norm_kernels",
+             "ours_fast_compiled_prologue_compiled", "ours_fast_compiled_norms_compiled",
              "ours_fast_compiled_triton_attention", "ours_fp8_compiled",
              "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph", "ours_fp8_cudagraph"],
     "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fast_compiled_prologue_compiled",
@@ -50,7 +50,7 @@ ATTENTION_OF = {"fast": "gemm", "fast_gemm_compiled": "gemm-compiled", "fast_tri
 # Rough seconds each case needs (compile included) on an H100, to skip what the budget cannot hold.
 NEEDS_S = {"fp32_reference": 15, "diffusers_fp32": 10, "diffusers_eager": 8, "diffusers_compiled": 50,
            "ours_fast_compiled": 40, "ours_fast_compiled_prologue_compiled": 40,
-           "ours_fast_compiled_triton_attention": 40, "ours_fast_compiled_norm_kernels": 40,
+           "ours_fast_compiled_triton_attention": 40, "ours_fast_compiled_norms_compiled": 40,
            "ours_fp8_compiled": 40,
            "ours_reference_eager": 8, "ours_fast_eager": 8, "ours_fast_cudagraph": 10, "ours_fp8_cudagraph": 10}
 
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
             elif name in ATTENTION_OF:
                 models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend,
                                         attention=ATTENTION_OF[name])
-            elif name == "fast_norm_kernels":
-                models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend, norm_kernels=True)
+            elif name == "fast_norms_compiled":
+                models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend, norm_kernels=False)
             elif name == "fp8":
                 models[name] = optimize(clone_as(ours32, bf), fp8=True, compile=True, compile_backend=backend)
             elif name == "fast_eager":
@@ -182,10 +182,10 @@ def main(argv=None) -> int:
             "ours_fast_compiled_prologue_compiled", lambda: model("fast_gemm_compiled")(xb, textb, t, mask),
             "fast_gemm_compiled", note="the attention's norm + ReLU + rotation fused by torch.compile instead of the "
             "prologue kernel"),
-        "ours_fast_compiled_norm_kernels": timed(
-            "ours_fast_compiled_norm_kernels", lambda: model("fast_norm_kernels")(xb, textb, t, mask),
-            "fast_norm_kernels", note="the residual add + LayerNorm + modulation as Triton kernels (opt-in) instead "
-            "of fused by torch.compile"),
+        "ours_fast_compiled_norms_compiled": timed(
+            "ours_fast_compiled_norms_compiled", lambda: model("fast_norms_compiled")(xb, textb, t, mask),
+            "fast_norms_compiled", note="the residual adds + LayerNorm + modulation fused by torch.compile instead "
+            "of the norm kernels"),
         "ours_fast_compiled_triton_attention": timed(
             "ours_fast_compiled_triton_attention", lambda: model("fast_triton")(xb, textb, t, mask), "fast_triton",
             note="the linear attention as the two fused Triton kernels instead of pointwise work + cuBLAS GEMMs"),

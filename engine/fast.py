@@ -52,7 +52,7 @@ class FastSettings:
     compile: bool = True       # regional torch.compile of each block's math
     compile_mode: str | None = None
     compile_backend: str = "inductor"
-    norm_kernels: bool = False  # the residual add + LayerNorm + modulation kernels (bf16; opt-in); else compiled
+    norm_kernels: bool = True  # the residual adds + LayerNorm + modulation kernels (bf16 path); else compiled
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool) -> nn.Module:
@@ -85,7 +85,7 @@ class BlockCore(nn.Module):
     """
 
     def __init__(self, block: TransformerBlock, fp8: bool, kernels: bool, attention: str = "gemm",
-                 norm_kernels: bool = False):
+                 norm_kernels: bool = True):
         super().__init__()
         a1, a2, ff = block.attn1, block.attn2, block.ff
         self.kernels = kernels
@@ -230,19 +230,19 @@ class BlockCore(nn.Module):
         if norm_kernels:
             # Their scale and shift in fp32, unrounded, as compile's fused form of the model's ops has them.
             table = self.scale_shift_table[None, None].float()
-            shift_msa, scale_msa, _, shift_mlp, scale_mlp, _ = (
+            shift32, scale32, gate32, shift_mlp32, scale_mlp32, _ = (
                 table + temb.float().reshape(B, temb.shape[1], 6, -1)).unbind(dim=2)
-            h = torch.ops.sana.norm_modulate(x, scale_msa, shift_msa, None, None, self.norm1_eps)
+            h = torch.ops.sana.norm_modulate(x, scale32, shift32, None, None, self.norm1_eps)
         else:
             _, h = norms.add_norm_modulate_reference(x, None, scale_msa, shift_msa, None, None, self.norm1_eps)
         attn, S, z = self.self_attention(h, cos, sin, S_prev, z_prev, block_tokens)
-        x = x + gate_msa * attn
+        x_attn = x + gate_msa * attn
         norm2 = (self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        cross = self.cross_attention(x, context, context_bias)
-        if norm_kernels:
-            x, h = torch.ops.sana.add_norm_modulate(x, cross, scale_mlp, shift_mlp, *norm2)
+        cross = self.cross_attention(x_attn, context, context_bias)
+        if norm_kernels:  # x + gate * attn + cross summed in fp32, rounded once
+            x, h = torch.ops.sana.add_norm_modulate(x, gate32, attn, cross, scale_mlp32, shift_mlp32, *norm2)
         else:
-            x, h = norms.add_norm_modulate_reference(x, cross, scale_mlp, shift_mlp, *norm2)
+            x, h = norms.add_norm_modulate_reference(x_attn, cross, scale_mlp, shift_mlp, *norm2)
         ff, last = self.mix_ffn(h, grid, left, block_frames)
         x = x + gate_mlp * ff
         return x, S, z, last
@@ -281,7 +281,7 @@ class FastBlock(nn.Module):
     """Drop-in for ``TransformerBlock`` (same forward signature); state I/O stays outside the compiled core."""
 
     def __init__(self, block: TransformerBlock, fp8: bool = False, kernels: bool = True, rope_pairs=None,
-                 attention: str = "gemm", norm_kernels: bool = False):
+                 attention: str = "gemm", norm_kernels: bool = True):
         super().__init__()
         self.core = BlockCore(block, fp8=fp8, kernels=kernels, attention=attention, norm_kernels=norm_kernels)
         self.rope_pairs = rope_pairs if rope_pairs is not None else RopePairs()
@@ -310,7 +310,7 @@ class FastBlock(nn.Module):
 
 def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = False, compile: bool = True,
              compile_mode: str | None = None, compile_backend: str = "inductor",
-             attention: str = "gemm", norm_kernels: bool = False) -> SanaVideoTransformer:
+             attention: str = "gemm", norm_kernels: bool = True) -> SanaVideoTransformer:
     """Make ``model`` fast in place and return it. Call after loading weights and moving to the device/dtype.
 
     ``kernels``: Triton kernels on CUDA (their PyTorch references elsewhere or when False). ``fp8``: scaled FP8
@@ -319,10 +319,9 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
     ``compile_mode``/``compile_backend`` go to ``torch.compile``. ``attention``: how the linear attention runs
     with ``kernels``: "gemm" (q's and k's norm, ReLU, rotation and normalisation in one Triton kernel each, the
     products as cuBLAS batched GEMMs; the fastest), "gemm-compiled" (that prologue fused by torch.compile instead)
-    or "triton" (the two fused Triton kernels). ``norm_kernels``: the block's two LayerNorms with their residual add
-    and modulation as Triton kernels (engine/kernels/norms.py; bf16 path only), else left to torch.compile. Opt-in:
-    3.5% faster a step on an H100, but the residual stream is rounded once more per block than in compile's fused
-    form (error against fp32 1.10e-2 instead of 0.93e-2; benchmarks/results/norm-kernels-2026-11-27).
+    or "triton" (the two fused Triton kernels). ``norm_kernels``: the block's two LayerNorms with their residual adds
+    and modulation as Triton kernels (engine/kernels/norms.py; bf16 path only; 2.6% faster a step on an H100, the
+    same error against fp32), else left to torch.compile.
     """
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention {attention!r} (accepted: {', '.join(ATTENTION_IMPLS)})")

@@ -33,6 +33,25 @@ if str(ROOT) not in sys.path:  # the project's packages, installed or not
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
+@pytest.fixture
+def triton_interpreter():
+    """``run(code, timeout=600)``: runs a check in a fresh Python with TRITON_INTERPRET=1 (it must be set before
+    Triton is imported, so not in this process); the check must exit 0 and print "ok" last. Skips without Triton."""
+    from engine.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("Triton is not installed")
+
+    def run(code: str, timeout: float = 600) -> None:
+        path = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+    return run
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

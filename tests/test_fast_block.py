@@ -7,24 +7,18 @@ interpreter); CUDA runs the compiled kernels, torch.compile and CUDA-graph repla
 
 import copy
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.fast import FastBlock, GraphedTransformer, optimize
-from engine.kernels import triton_available
 from engine.kernels.fp8 import FP8Linear
 from engine.model import SanaVideoTransformer, pointwise_convs_to_linear
 from engine.presets import TINY_TRANSFORMER
 from engine.state import BlockState, ReferenceBlockState
 from engine.text import cut_padding
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "tiny": dataclasses.replace(TINY_TRANSFORMER, num_layers=2),
@@ -69,12 +63,14 @@ def test_clip_and_block_causal_equal_reference(name, attention):
         assert rel_err(fast(x, text, t, mask, block_frames=[1, 3]), ref(x, text, t, mask, block_frames=[1, 3])) < 1e-5
 
 
+@pytest.mark.parametrize("norm_kernels", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
-def test_norm_kernels_equal_reference(causal):
-    """The opt-in residual add + LayerNorm + modulation ops (their references on the CPU) in clips and streams."""
+def test_norms_as_kernels_or_compiled_equal_reference(causal, norm_kernels):
+    """The residual adds + LayerNorm + modulation as custom ops (their references on the CPU) or as the model's ops
+    (what torch.compile fuses), in clips and streams."""
     config = CONFIGS["biased-3-heads"]
-    ref, fast = models(config, causal=causal, norm_kernels=True)
-    assert fast.fast_settings.norm_kernels and fast.transformer_blocks[0].core.norm_kernels
+    ref, fast = models(config, causal=causal, norm_kernels=norm_kernels)
+    assert fast.fast_settings.norm_kernels == fast.transformer_blocks[0].core.norm_kernels == norm_kernels
     x, text, t, mask = inputs(config, frames=2)
     with torch.no_grad():
         assert rel_err(fast(x, text, t, mask), ref(x, text, t, mask)) < 1e-5
@@ -237,12 +233,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-def test_fast_model_with_triton_kernels_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+def test_fast_model_with_triton_kernels_in_interpreter(triton_interpreter):
+    triton_interpreter(INTERPRETER_CHECK, timeout=900)
 
 
 @pytest.mark.gpu
