@@ -5,20 +5,13 @@ CPU interpreter (fp32 and fp16: the interpreter has no bf16 matmul) in a subproc
 chosen before Triton compiles anything. CUDA: the compiled kernels in bf16 (skipped without a GPU).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.kernels import linear_attention as la
-from engine.kernels import triton_available
 from engine.model import apply_rotary, linear_attention_apply, linear_attention_sums
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rel_err(a, b):
@@ -169,12 +162,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
-def test_triton_kernels_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+def test_triton_kernels_in_interpreter(triton_interpreter):
+    triton_interpreter(INTERPRETER_CHECK, timeout=600)
 
 
 def gpu_case(shape, fused=False):
