@@ -280,3 +280,23 @@ def test_cut_padding_keeps_every_real_token():
     mask = torch.zeros(2, 40)
     mask[0, 35] = mask[1, 0] = 1
     assert cut_padding(text, mask)[1].shape[1] == 40
+
+
+def test_a_stream_with_its_text_padding_cut_stays_the_same():
+    """Stream mode too: the block-causal state holds no text, so a cut text changes nothing in a stream."""
+    import dataclasses
+
+    from engine.presets import get_preset
+
+    preset = dataclasses.replace(get_preset("tiny-causal"), max_sequence_length=40)
+    pipe = VideoPipeline._build_local(preset, torch.device("cpu"), torch.float32)
+    lengths = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[1].shape[1]))
+    try:
+        _, cut = video(pipe, seed=5, frames=17)
+        pipe.cut_text_padding = False
+        _, full = video(pipe, seed=5, frames=17)
+    finally:
+        hook.remove()
+    assert set(lengths) == {16, 40} and lengths.count(16) == lengths.count(40)
+    assert np.abs(cut.astype(int) - full.astype(int)).max() <= 1
