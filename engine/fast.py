@@ -339,7 +339,7 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
         compile_blocks(model, mode=compile_mode, backend=compile_backend)
     model.fast_settings = FastSettings(kernels=kernels, attention=attention, fp8=fp8, compile=compile,
                                        compile_mode=compile_mode, compile_backend=compile_backend,
-                                       norm_kernels=norm_kernels and not fp8)
+                                       norm_kernels=norm_kernels and kernels and not fp8)
     return model
 
 
