@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             for _ in range(3):
                 sync(device)
                 t1 = now()
-                pipe._encode_prompt(resolved, cfg=True)
+                text, _ = pipe._encode_prompt(resolved, cfg=True)
                 sync(device)
                 texts.append(now() - t1)
             # Steps that fit the budget (the rest extrapolated from the measured step time).
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             n = steps if smoke else max(2, min(steps, int(room / max(warm["step_s"], 1e-3))))
             row = generate_timed(pipe, dict_replace(params, steps=n), device)
             row.update(warmup_s=round(warm_s, 2), text_encoding_s=statistics.median(texts), steps_run=n,
-                       text_tokens=pipe._encode_prompt(resolved, cfg=True)[0].shape[1])
+                       text_tokens=text.shape[1])
             if n < steps:
                 row["extrapolated"] = True
                 row["total_s_measured"] = row["total_s"]
