@@ -40,18 +40,25 @@ RESOLUTIONS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "smoke": (5, 8, 12)
 DEFAULT_CASES = {  # run in this order; errors against fp32 are filled in whenever the reference has run
     "480p": ["fp32_reference", "diffusers_fp32", "diffusers_eager", "diffusers_compiled", "ours_fast_compiled",
              "ours_fast_compiled_prologue_compiled", "ours_fast_compiled_norms_compiled",
-             "ours_fast_compiled_triton_attention", "ours_fp8_compiled",
-             "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph", "ours_fp8_cudagraph"],
+             "ours_fast_compiled_triton_attention", "ours_fp8_compiled", "ours_fp8_compiled_norms_compiled",
+             "ours_fp8_compiled_exact_accum", "ours_reference_eager", "ours_fast_eager", "ours_fast_cudagraph",
+             "ours_fp8_cudagraph"],
     "720p": ["diffusers_eager", "diffusers_compiled", "ours_fast_compiled", "ours_fast_compiled_prologue_compiled",
              "ours_fast_compiled_triton_attention", "ours_fp8_compiled", "fp32_reference"],
 }
 # The bf16 fast models and their linear-attention form (engine.fast.optimize's ``attention``).
 ATTENTION_OF = {"fast": "gemm", "fast_gemm_compiled": "gemm-compiled", "fast_triton": "triton"}
+# The FP8 models: the default, and each with one of its parts as it was before (engine.fast.optimize's arguments):
+# the norms compiled (the GEMMs quantize their inputs in passes of their own), the FP8 GEMMs' fp32 accumulation.
+FP8_VARIANTS = {"fp8": {}, "fp8_norms_compiled": {"norm_kernels": False},
+                "fp8_exact_accum": {"fp8_fast_accum": False},
+                "fp8_norms_compiled_exact_accum": {"norm_kernels": False, "fp8_fast_accum": False}}
 # Rough seconds each case needs (compile included) on an H100, to skip what the budget cannot hold.
 NEEDS_S = {"fp32_reference": 15, "diffusers_fp32": 10, "diffusers_eager": 8, "diffusers_compiled": 50,
            "ours_fast_compiled": 40, "ours_fast_compiled_prologue_compiled": 40,
            "ours_fast_compiled_triton_attention": 40, "ours_fast_compiled_norms_compiled": 40,
-           "ours_fp8_compiled": 40,
+           "ours_fp8_compiled": 40, "ours_fp8_compiled_norms_compiled": 40, "ours_fp8_compiled_exact_accum": 40,
+           "ours_fp8_compiled_norms_compiled_exact_accum": 40,
            "ours_reference_eager": 8, "ours_fast_eager": 8, "ours_fast_cudagraph": 10, "ours_fp8_cudagraph": 10}
 
 
@@ -107,14 +114,15 @@ def main(argv=None) -> int:
                                         attention=ATTENTION_OF[name])
             elif name == "fast_norms_compiled":
                 models[name] = optimize(clone_as(ours32, bf), compile=True, compile_backend=backend, norm_kernels=False)
-            elif name == "fp8":
-                models[name] = optimize(clone_as(ours32, bf), fp8=True, compile=True, compile_backend=backend)
+            elif name in FP8_VARIANTS:
+                models[name] = optimize(clone_as(ours32, bf), fp8=True, compile=True, compile_backend=backend,
+                                        **FP8_VARIANTS[name])
             elif name == "fast_eager":
                 models[name] = optimize(clone_as(ours32, bf), compile=False)
         return models[name]
 
     outputs: dict[str, torch.Tensor] = {}
-    ERR_REFS = {"ours_fp8_compiled": ("ours_fast_compiled",), "ours_fp8_cudagraph": ("ours_fast_compiled",)}
+    ERR_REFS = {name: ("ours_fast_compiled",) for name in NEEDS_S if name.startswith("ours_fp8")}
 
     def timed(name, fn, owner, precision="bf16", note=None):
         def run():
@@ -190,6 +198,17 @@ def main(argv=None) -> int:
             "ours_fast_compiled_triton_attention", lambda: model("fast_triton")(xb, textb, t, mask), "fast_triton",
             note="the linear attention as the two fused Triton kernels instead of pointwise work + cuBLAS GEMMs"),
         "ours_fp8_compiled": timed("ours_fp8_compiled", lambda: model("fp8")(xb, textb, t, mask), "fp8", "fp8"),
+        "ours_fp8_compiled_norms_compiled": timed(
+            "ours_fp8_compiled_norms_compiled", lambda: model("fp8_norms_compiled")(xb, textb, t, mask),
+            "fp8_norms_compiled", "fp8", note="the norms fused by torch.compile, each FP8 GEMM quantizing its input "
+            "in a pass of its own, instead of the norm kernels quantizing q|k|v's and the expansion's input"),
+        "ours_fp8_compiled_exact_accum": timed(
+            "ours_fp8_compiled_exact_accum", lambda: model("fp8_exact_accum")(xb, textb, t, mask),
+            "fp8_exact_accum", "fp8", note="the FP8 GEMMs accumulating with promotion to fp32 (use_fast_accum off)"),
+        "ours_fp8_compiled_norms_compiled_exact_accum": timed(
+            "ours_fp8_compiled_norms_compiled_exact_accum",
+            lambda: model("fp8_norms_compiled_exact_accum")(xb, textb, t, mask), "fp8_norms_compiled_exact_accum",
+            "fp8", note="both of the above: the FP8 model before the norm kernels and fast accumulation"),
         "ours_reference_eager": timed("ours_reference_eager", lambda: model("ours")(xb, textb, t, mask), "ours"),
         "ours_fast_eager": timed("ours_fast_eager", lambda: model("fast_eager")(xb, textb, t, mask), "fast_eager",
                                  note="Triton kernels, no torch.compile"),

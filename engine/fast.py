@@ -52,13 +52,14 @@ class FastSettings:
     compile: bool = True       # regional torch.compile of each block's math
     compile_mode: str | None = None
     compile_backend: str = "inductor"
-    norm_kernels: bool = True  # the residual adds + LayerNorm + modulation kernels (bf16 path); else compiled
+    norm_kernels: bool = True  # the residual adds + LayerNorm + modulation kernels (else compiled)
+    fp8_fast_accum: bool = False  # FP8 GEMMs accumulate without promotion to fp32 (engine/kernels/fp8.py)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool) -> nn.Module:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, fp8: bool, fast_accum: bool = True) -> nn.Module:
     out_f, in_f = weight.shape
     if fp8 and fp8_supported(in_f, out_f):
-        return FP8Linear(weight, bias, out_dtype=weight.dtype)
+        return FP8Linear(weight, bias, out_dtype=weight.dtype, fast_accum=fast_accum)
     layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -85,7 +86,7 @@ class BlockCore(nn.Module):
     """
 
     def __init__(self, block: TransformerBlock, fp8: bool, kernels: bool, attention: str = "gemm",
-                 norm_kernels: bool = True):
+                 norm_kernels: bool = True, fp8_fast_accum: bool = True):
         super().__init__()
         a1, a2, ff = block.attn1, block.attn2, block.ff
         self.kernels = kernels
@@ -94,9 +95,8 @@ class BlockCore(nn.Module):
         if attention == "gemm" and a1.norm_q is None:
             self.attention = "gemm-compiled"
         self.prologue = kernels and self.attention == "gemm"
-        # The residual add + LayerNorm + modulation kernels (bf16 path; with FP8, torch.compile fuses the next
-        # GEMM's activation quantization into these passes instead).
-        self.norm_kernels = kernels and norm_kernels and not fp8
+        # The residual add + LayerNorm + modulation kernels (with FP8 they also quantize what the next GEMM reads).
+        self.norm_kernels = kernels and norm_kernels
         # Full swapped RoPE tables for the compiled prologue, per-pair ones for the kernels and the references.
         self.swapped_tables = kernels and self.attention == "gemm-compiled"
         self.heads = a1.heads
@@ -107,26 +107,37 @@ class BlockCore(nn.Module):
         with torch.no_grad():
             # Self-attention.
             qkv_w = torch.cat([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight])
-            self.qkv = _linear(qkv_w, _cat_bias(a1.to_q, a1.to_k, a1.to_v), fp8)
+            self.qkv = _linear(qkv_w, _cat_bias(a1.to_q, a1.to_k, a1.to_v), fp8, fp8_fast_accum)
             self.norm_q, self.norm_k = a1.norm_q, a1.norm_k
-            self.attn_out = _linear(a1.to_out[0].weight, a1.to_out[0].bias, fp8)
+            self.attn_out = _linear(a1.to_out[0].weight, a1.to_out[0].bias, fp8, fp8_fast_accum)
             # Cross-attention (the text side is a few hundred tokens: kept in bf16).
-            self.cross_q = _linear(a2.to_q.weight, a2.to_q.bias, fp8)
+            self.cross_q = _linear(a2.to_q.weight, a2.to_q.bias, fp8, fp8_fast_accum)
             self.cross_kv = _linear(torch.cat([a2.to_k.weight, a2.to_v.weight]), _cat_bias(a2.to_k, a2.to_v), False)
             self.cross_norm_q, self.cross_norm_k = a2.norm_q, a2.norm_k
-            self.cross_out = _linear(a2.to_out[0].weight, a2.to_out[0].bias, fp8)
+            self.cross_out = _linear(a2.to_out[0].weight, a2.to_out[0].bias, fp8, fp8_fast_accum)
             # Mix-FFN: 1x1 convs (or their Linear form) as GEMMs; the expansion's bias goes into the fused kernel.
             w_in = ff.conv_inverted.weight.flatten(1)
-            self.ffn_in = _linear(w_in, None, fp8)
+            self.ffn_in = _linear(w_in, None, fp8, fp8_fast_accum)
             self.ffn_in_bias = nn.Parameter(ff.conv_inverted.bias.detach().clone(), requires_grad=False)
             self.dw_weight = nn.Parameter(ff.conv_depth.weight.detach().clone(), requires_grad=False)
             self.dw_bias = nn.Parameter(ff.conv_depth.bias.detach().clone(), requires_grad=False)
-            self.ffn_out = _linear(ff.conv_point.weight.flatten(1), None, fp8)
+            self.ffn_out = _linear(ff.conv_point.weight.flatten(1), None, fp8, fp8_fast_accum)
             wt = ff.conv_temp.weight[..., 0]  # [C_out, C_in, 3]: taps at frames f-1, f, f+1
-            self.temporal = _linear(torch.cat([wt[:, :, 0], wt[:, :, 1], wt[:, :, 2]]), None, fp8)
+            self.temporal = _linear(torch.cat([wt[:, :, 0], wt[:, :, 1], wt[:, :, 2]]), None, fp8, fp8_fast_accum)
             self.temporal_prev = nn.Parameter(wt[:, :, 0].detach().clone(), requires_grad=False)
+        # FP8: the norm kernels hand q|k|v and the Mix-FFN's expansion their input quantized (e4m3 rows + scales).
+        self.quantized_norms = (self.norm_kernels and isinstance(self.qkv, FP8Linear)
+                                and isinstance(self.ffn_in, FP8Linear))
 
     # -- parts -------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _project(layer, h, shape):
+        """layer(h) for h [B, N, C], or for h = (e4m3 rows [B*N, C], scales [B*N, 1]) from a norm kernel that
+        quantized it for the FP8 layer: [B, N, out] either way (``shape`` is h's [B, N, C])."""
+        if isinstance(h, tuple):
+            return layer.quantized(*h).view(shape[0], shape[1], -1)
+        return layer(h)
 
     def _attention_sums(self, k, v, cos, sin):
         if not self.kernels:
@@ -150,8 +161,8 @@ class BlockCore(nn.Module):
             return la.apply_gemm(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
         return torch.ops.sana.linear_attention_apply(q, cos, sin, S, z, LINEAR_ATTENTION_EPS)
 
-    def self_attention(self, h, cos, sin, S_prev, z_prev, block_tokens):
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
+    def self_attention(self, h, cos, sin, S_prev, z_prev, block_tokens, shape):
+        q, k, v = self._project(self.qkv, h, shape).chunk(3, dim=-1)
         if not self.prologue:
             if self.norm_q is not None:
                 q, k = self.norm_q(q), self.norm_k(k)
@@ -181,11 +192,11 @@ class BlockCore(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.cross_out(out.transpose(1, 2).flatten(2).type_as(q))
 
-    def mix_ffn(self, h, grid, left, block_frames):
-        B, N, C = h.shape
+    def mix_ffn(self, h, grid, left, block_frames, shape):
+        B, N, C = shape
         frames, height, width = grid
         hw = height * width
-        e = self.ffn_in(h)
+        e = self._project(self.ffn_in, h, shape)
         e = e.view(B * frames, height, width, e.shape[-1])
         if self.kernels:
             g = torch.ops.sana.dwconv_glu(e, self.dw_weight, self.dw_bias, self.ffn_in_bias, True)
@@ -232,18 +243,25 @@ class BlockCore(nn.Module):
             table = self.scale_shift_table[None, None].float()
             shift32, scale32, gate32, shift_mlp32, scale_mlp32, _ = (
                 table + temb.float().reshape(B, temb.shape[1], 6, -1)).unbind(dim=2)
-            h = torch.ops.sana.norm_modulate(x, scale32, shift32, None, None, self.norm1_eps)
+            if self.quantized_norms:
+                h = torch.ops.sana.norm_modulate_fp8(x, scale32, shift32, None, None, self.norm1_eps)
+            else:
+                h = torch.ops.sana.norm_modulate(x, scale32, shift32, None, None, self.norm1_eps)
         else:
             _, h = norms.add_norm_modulate_reference(x, None, scale_msa, shift_msa, None, None, self.norm1_eps)
-        attn, S, z = self.self_attention(h, cos, sin, S_prev, z_prev, block_tokens)
+        attn, S, z = self.self_attention(h, cos, sin, S_prev, z_prev, block_tokens, x.shape)
         x_attn = x + gate_msa * attn
         norm2 = (self.norm2.weight, self.norm2.bias, self.norm2.eps)
         cross = self.cross_attention(x_attn, context, context_bias)
-        if norm_kernels:  # x + gate * attn + cross summed in fp32, rounded once
+        if norm_kernels and self.quantized_norms:  # x + gate * attn + cross summed in fp32, rounded once
+            x, q, q_scale = torch.ops.sana.add_norm_modulate_fp8(x, gate32, attn, cross, scale_mlp32, shift_mlp32,
+                                                                 *norm2)
+            h = (q, q_scale)
+        elif norm_kernels:
             x, h = torch.ops.sana.add_norm_modulate(x, gate32, attn, cross, scale_mlp32, shift_mlp32, *norm2)
         else:
             x, h = norms.add_norm_modulate_reference(x_attn, cross, scale_mlp, shift_mlp, *norm2)
-        ff, last = self.mix_ffn(h, grid, left, block_frames)
+        ff, last = self.mix_ffn(h, grid, left, block_frames, x.shape)
         x = x + gate_mlp * ff
         return x, S, z, last
 
@@ -281,9 +299,10 @@ class FastBlock(nn.Module):
     """Drop-in for ``TransformerBlock`` (same forward signature); state I/O stays outside the compiled core."""
 
     def __init__(self, block: TransformerBlock, fp8: bool = False, kernels: bool = True, rope_pairs=None,
-                 attention: str = "gemm", norm_kernels: bool = True):
+                 attention: str = "gemm", norm_kernels: bool = True, fp8_fast_accum: bool = True):
         super().__init__()
-        self.core = BlockCore(block, fp8=fp8, kernels=kernels, attention=attention, norm_kernels=norm_kernels)
+        self.core = BlockCore(block, fp8=fp8, kernels=kernels, attention=attention, norm_kernels=norm_kernels,
+                              fp8_fast_accum=fp8_fast_accum)
         self.rope_pairs = rope_pairs if rope_pairs is not None else RopePairs()
 
     def forward(self, x, context, context_bias, temb, rope, grid, layer, state=None, commit=False, block_frames=None):
@@ -310,7 +329,8 @@ class FastBlock(nn.Module):
 
 def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = False, compile: bool = True,
              compile_mode: str | None = None, compile_backend: str = "inductor",
-             attention: str = "gemm", norm_kernels: bool = True) -> SanaVideoTransformer:
+             attention: str = "gemm", norm_kernels: bool = True,
+             fp8_fast_accum: bool = True) -> SanaVideoTransformer:
     """Make ``model`` fast in place and return it. Call after loading weights and moving to the device/dtype.
 
     ``kernels``: Triton kernels on CUDA (their PyTorch references elsewhere or when False). ``fp8``: scaled FP8
@@ -320,8 +340,11 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
     with ``kernels``: "gemm" (q's and k's norm, ReLU, rotation and normalisation in one Triton kernel each, the
     products as cuBLAS batched GEMMs; the fastest), "gemm-compiled" (that prologue fused by torch.compile instead)
     or "triton" (the two fused Triton kernels). ``norm_kernels``: the block's two LayerNorms with their residual adds
-    and modulation as Triton kernels (engine/kernels/norms.py; bf16 path only; 2.6% faster a step on an H100, the
-    same error against fp32), else left to torch.compile.
+    and modulation as Triton kernels (engine/kernels/norms.py; 2.6% faster a bf16 step on an H100, the same error
+    against fp32; with ``fp8`` they also quantize the input of the GEMM they feed), else left to torch.compile.
+    ``fp8_fast_accum``: with ``fp8``, the GEMMs accumulate in the tensor cores' FP8 accumulator without promotion
+    to fp32 (``torch._scaled_mm``'s ``use_fast_accum``; faster, the same error at the model's depths:
+    engine/kernels/fp8.py).
     """
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention {attention!r} (accepted: {', '.join(ATTENTION_IMPLS)})")
@@ -329,7 +352,8 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
     for i, block in enumerate(model.transformer_blocks):
         if isinstance(block, TransformerBlock):
             model.transformer_blocks[i] = FastBlock(block, fp8=fp8, kernels=kernels, rope_pairs=rope_pairs,
-                                                    attention=attention, norm_kernels=norm_kernels)
+                                                    attention=attention, norm_kernels=norm_kernels,
+                                                    fp8_fast_accum=fp8_fast_accum)
     # RoPE tables in fp32 whatever the weights' dtype: casting the model to bf16 rounds every cos/sin to 8 bits,
     # an error the kernels (which rotate in fp32) need not inherit. Rebuilt, since the cast already rounded them.
     cfg = model.config
@@ -339,7 +363,8 @@ def optimize(model: SanaVideoTransformer, *, kernels: bool = True, fp8: bool = F
         compile_blocks(model, mode=compile_mode, backend=compile_backend)
     model.fast_settings = FastSettings(kernels=kernels, attention=attention, fp8=fp8, compile=compile,
                                        compile_mode=compile_mode, compile_backend=compile_backend,
-                                       norm_kernels=norm_kernels and kernels and not fp8)
+                                       norm_kernels=norm_kernels and kernels,
+                                       fp8_fast_accum=fp8_fast_accum and fp8)
     return model
 
 

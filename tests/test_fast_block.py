@@ -190,21 +190,56 @@ def test_rope_tables_stay_fp32_in_a_bf16_model():
     assert err_fast < 0.05 and err_fast < 1.5 * err_ref
 
 
-def test_fp8_linears_close_to_full_precision():
-    config = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=32,
+FP8_CONFIG = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=32,
                                  num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
                                  num_layers=2)  # every GEMM dimension a multiple of 16
-    ref, fast = models(config, fp8=True)
+
+
+def test_fp8_linears_close_to_full_precision():
+    ref, fast = models(FP8_CONFIG, fp8=True)
     core = fast.transformer_blocks[0].core
     assert isinstance(core.qkv, FP8Linear) and isinstance(core.ffn_in, FP8Linear)
     assert isinstance(core.temporal, FP8Linear) and not isinstance(core.cross_kv, FP8Linear)
-    x, text, t, mask = inputs(config)
+    assert core.quantized_norms and fast.fast_settings.norm_kernels and fast.fast_settings.fp8_fast_accum
+    x, text, t, mask = inputs(FP8_CONFIG)
     with torch.no_grad():
         try:
             got = fast(x, text, t, mask)
         except (RuntimeError, NotImplementedError) as exc:
             pytest.skip(f"torch._scaled_mm unavailable on CPU here: {exc}")
         assert rel_err(got, ref(x, text, t, mask)) < 0.1
+
+
+def test_fp8_inputs_quantized_by_the_norm_kernels_are_the_layers_own_quantization():
+    """With FP8 the norm kernels hand q|k|v and the Mix-FFN's expansion e4m3 rows + scales. That is the same
+    quantization FP8Linear makes of the norms' 16-bit output (tests/test_kernels_norms.py pins it), so the model
+    gives what the FP8 model without the norm kernels gives, up to fp32 rounding in the norms."""
+    _, fast = models(FP8_CONFIG, fp8=True)
+    _, compiled_norms = models(FP8_CONFIG, fp8=True, norm_kernels=False)
+    assert not compiled_norms.transformer_blocks[0].core.quantized_norms
+    assert fast.transformer_blocks[0].core.quantized_norms
+    x, text, t, mask = inputs(FP8_CONFIG)
+    calls = []
+    original = FP8Linear.quantized
+
+    def counting(self, xq, xs):
+        calls.append(xq.dtype)
+        return original(self, xq, xs)
+
+    with torch.no_grad():
+        try:
+            FP8Linear.quantized = counting
+            got = fast(x, text, t, mask)
+            calls_fast = len(calls)
+            want = compiled_norms(x, text, t, mask)
+        except (RuntimeError, NotImplementedError) as exc:
+            pytest.skip(f"torch._scaled_mm unavailable on CPU here: {exc}")
+        finally:
+            FP8Linear.quantized = original
+    # Every FP8 GEMM goes through quantized(), 7 a layer either way (q|k|v, attn_out, cross_q, cross_out, ffn_in,
+    # ffn_out, temporal).
+    assert calls_fast == len(calls) - calls_fast == 7 * FP8_CONFIG.num_layers
+    assert rel_err(got, want) < 1e-3
 
 
 INTERPRETER_CHECK = textwrap.dedent("""
@@ -272,3 +307,37 @@ def test_compiled_kernels_and_graphs_on_gpu(attention):
             fast(xb, textb, t, mask, state=s_fast, commit=True)
         assert rel_err(fast(xb, textb, t, mask, state=s_fast), ref(x, text, t, mask, state=s_ref)) < 2e-2
         assert rel_err(s_fast.S, s_ref.S) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
+def test_fp8_compiled_with_quantizing_norm_kernels_on_gpu():
+    """The compiled FP8 model whose norm kernels quantize q|k|v's and the expansion's input, against the compiled
+    FP8 model that quantizes in passes of its own (and both against fp32), in clips, graphed and streamed."""
+    config = dataclasses.replace(TINY_TRANSFORMER, num_attention_heads=2, attention_head_dim=64,
+                                 num_cross_attention_heads=2, cross_attention_head_dim=64, cross_attention_dim=128,
+                                 num_layers=2)
+    torch.manual_seed(0)
+    ref = SanaVideoTransformer(config, causal=True).eval().cuda()
+    fused = optimize(copy.deepcopy(ref).bfloat16(), fp8=True, compile=True)
+    separate = optimize(copy.deepcopy(ref).bfloat16(), fp8=True, compile=True, norm_kernels=False)
+    assert fused.transformer_blocks[0].core.quantized_norms and fused.fast_settings.fp8_fast_accum
+    assert not separate.transformer_blocks[0].core.quantized_norms
+    x, text, t, mask = inputs(config, frames=5, h=10, w=14, device="cuda")
+    with torch.no_grad():
+        expected = ref(x, text, t, mask)
+        xb, textb = x.bfloat16(), text.bfloat16()
+        got, other = fused(xb, textb, t, mask), separate(xb, textb, t, mask)
+        err = rel_err(other, expected)
+        # No worse than quantizing apart; the two differ where the 16-bit norms round differently (and FP8 rounds
+        # those rows differently), less than either differs from fp32.
+        assert err < 0.08 and rel_err(got, expected) < 1.2 * err
+        assert rel_err(got, other) < err
+        graphed = GraphedTransformer(fused)
+        assert rel_err(graphed(xb, textb, t, mask), got) < 1e-3
+        s_ref, s_fused = BlockState.for_model(ref, 2, 10, 14), BlockState.for_model(fused, 2, 10, 14)
+        for _ in range(2):
+            ref(x, text, t, mask, state=s_ref, commit=True)
+            fused(xb, textb, t, mask, state=s_fused, commit=True)
+        assert rel_err(fused(xb, textb, t, mask, state=s_fused), ref(x, text, t, mask, state=s_ref)) < 0.08

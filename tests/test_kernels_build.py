@@ -18,6 +18,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from engine.kernels import linear_attention as la  # noqa: E402
 from engine.kernels import mixffn  # noqa: E402
+from engine.kernels import norms  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -80,3 +81,19 @@ def test_dwconv_glu_builds_for_sm90(config):
     constexprs = {"ACT": True, "HAS_IN_BIAS": True, "FAST": True, "PREFETCH": False} | c.kwargs
     kernel = build(mixffn._dwconv_glu_kernel, DW_SIGNATURE, constexprs, c.num_warps)
     assert "tanh.approx.f32" in kernel.asm["ptx"]  # one special-function op per SiLU
+
+
+ADD_NORM_SIGNATURE = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*fp32", "a_ptr": "*bf16", "sc_ptr": "*fp32",
+                      "sh_ptr": "*fp32", "w_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*bf16", "h_ptr": "*bf16",
+                      "qs_ptr": "*fp32", "M": "i32", "N": "i32", "C": "i32", "eps": "fp32"}
+
+
+@pytest.mark.parametrize("quant", [False, True])
+@pytest.mark.parametrize("config", range(len(norms._ROW_TILES)))
+def test_add_norm_modulate_builds_for_sm90(quant, config):
+    c = norms._ROW_TILES[config]
+    signature = dict(ADD_NORM_SIGNATURE, h_ptr="*fp8e4nv" if quant else "*bf16")
+    constexprs = {"HAS_Y": True, "HAS_A": True, "AFFINE": True, "BLOCK_C": 4096, "QUANT": quant, **c.kwargs}
+    ptx = build(norms._add_norm_modulate_kernel, signature, constexprs, c.num_warps).asm["ptx"]
+    if quant:  # the e4m3 cast rounds to nearest even and saturates; the division by the scale is IEEE, as torch's
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx

@@ -56,11 +56,14 @@ def test_rejects_dimensions_the_gemm_cannot_tile():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
-def test_scaled_mm_on_gpu():
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_scaled_mm_on_gpu(fast_accum):
     lin = _layer(2240, 5600, "cuda", torch.bfloat16)
     x = torch.randn(4096, 2240, device="cuda", dtype=torch.bfloat16)
-    fast, ref = FP8Linear.from_linear(lin), FP8Linear.from_linear(lin, impl="torch")
+    fast = FP8Linear(lin.weight, lin.bias, out_dtype=torch.bfloat16, fast_accum=fast_accum)
+    ref = FP8Linear.from_linear(lin, impl="torch")
     got = fast(x)
-    assert got.dtype == torch.bfloat16
-    assert rel_err(got, ref(x)) < 5e-3  # same quantization; differences are accumulation order and bf16 output
+    assert got.dtype == torch.bfloat16 and fast.fast_accum == fast_accum
+    # Same quantization: the differences are the accumulation (FP8 tensor-core accumulator or fp32) and bf16 output.
+    assert rel_err(got, ref(x)) < 5e-3
     assert rel_err(got, lin(x)) < 0.08

@@ -3,6 +3,10 @@
 CPU: the reference against the block's norms; the Triton kernel under the interpreter (subprocess) with a channel
 count that is no power of two and a ragged last tile of rows. CUDA: the compiled kernel in bf16 at the model's
 width, and the fast block with the kernels against the one without.
+
+The FP8 forms (``*_fp8``) hand the next GEMM its input quantized: what ``quantize_rowwise`` makes of the 16-bit row
+the plain form returns, bit for bit on the CPU and under the interpreter; on the GPU (its hardware e4m3 cast) up to
+the odd element whose 16-bit value the two compiled kernels round differently.
 """
 
 import textwrap
@@ -11,6 +15,7 @@ import pytest
 import torch
 
 from engine.kernels import norms
+from engine.kernels.fp8 import E4M3, quantize_rowwise
 from engine.model import TransformerBlock
 from engine.presets import TINY_TRANSFORMER
 
@@ -54,17 +59,45 @@ def test_reference_equals_the_blocks_norms(affine):
     assert torch.equal(torch.ops.sana.norm_modulate(x, scale, shift, None, None, block.norm1.eps), h1)
 
 
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_fp8_forms_are_the_plain_forms_quantized_cpu():
+    g = torch.Generator().manual_seed(2)
+    B, N, C = 2, 5, 48
+    x, y, a = ((torch.randn(B, N, C, generator=g) * 3).bfloat16() for _ in range(3))
+    scale, shift = modulation(B, C, g)
+    gate = torch.randn(B, 1, C, generator=g)
+    w, b = torch.randn(C, generator=g).bfloat16(), torch.randn(C, generator=g).bfloat16()
+    s, h = torch.ops.sana.add_norm_modulate(x, gate, a, y, scale, shift, w, b, 1e-6)
+    s8, q, q_scale = torch.ops.sana.add_norm_modulate_fp8(x, gate, a, y, scale, shift, w, b, 1e-6)
+    want_q, want_scale = quantize_rowwise(h.reshape(B * N, C))
+    assert q.dtype == E4M3 and q.shape == (B * N, C) and q_scale.shape == (B * N, 1)
+    assert torch.equal(s8, s) and same_bits(q, want_q) and torch.equal(q_scale, want_scale)
+    h1 = torch.ops.sana.norm_modulate(x, scale, shift, None, None, 1e-6).reshape(B * N, C)
+    q1, scale1 = torch.ops.sana.norm_modulate_fp8(x, scale, shift, None, None, 1e-6)
+    want_q1, want_scale1 = quantize_rowwise(h1)
+    assert same_bits(q1, want_q1) and torch.equal(scale1, want_scale1)
+    assert rel_err(q1.float() * scale1, h1) < 0.05  # e4m3: 3 mantissa bits
+
+
 def test_bad_shapes_are_refused():
     x = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match=r"\[B, 1, C\]"):
         norms.add_norm_modulate(x, None, torch.randn(2, 3, 8), torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="gate and a go together"):
         norms.add_norm_modulate(x, None, torch.randn(2, 1, 8), torch.randn(2, 1, 8), gate=torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match=r"\[B, 1, C\]"):
+        norms.add_norm_modulate_fp8(x, None, torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="gate and a go together"):
+        norms.add_norm_modulate_fp8(x, None, torch.randn(2, 1, 8), torch.randn(2, 1, 8), a=x)
 
 
 INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     from engine.kernels import norms
+    from engine.kernels.fp8 import quantize_rowwise
     def rel(a, b): return ((a.float() - b.float()).norm() / b.float().norm()).item()
     g = torch.Generator().manual_seed(0)
     B, N, C = 3, 7, 40  # 21 rows over tiles of 4: a ragged last tile; 40 channels in a block of 64
@@ -85,6 +118,12 @@ INTERPRETER_CHECK = textwrap.dedent("""
                 assert h.dtype == dtype and rel(h, ref_h) < tol, (dtype, rows, has_y, has_a, affine, rel(h, ref_h))
                 if has_y or has_a:
                     assert rel(s, ref_s) < tol and torch.equal(s, ref_s.to(dtype)), (dtype, rows, has_y, has_a)
+                # The FP8 form: quantize_rowwise of the kernel's own 16-bit row, bit for bit (the e4m3 cast itself
+                # is torch's here: the interpreter's is not the hardware's).
+                s8, q, q_scale = norms._add_norm_modulate_triton(x, *args, **kw, rows=rows, num_warps=1, quant=True)
+                want_q, want_scale = quantize_rowwise(h.reshape(B * N, C))
+                assert torch.equal(s8, s) and torch.equal(q_scale, want_scale), (dtype, rows, has_y, has_a)
+                assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), (dtype, rows, has_y, has_a)
     print("ok")
 """)
 
@@ -115,3 +154,18 @@ def test_triton_kernel_on_gpu(shape):
         assert h.dtype == torch.bfloat16 and rel_err(h, ref_h) < 1e-2
         if has_y or has_a:  # one rounding of the fp32 sum (an FMA may move the odd element by one ulp)
             assert rel_err(s, ref_s) < 3e-3 and (s.float() - ref_s.bfloat16().float()).abs().max() <= 0.25
+        # The FP8 form, autotuned: h quantized (its tile may differ from the plain form's, and with it the order of
+        # the statistics' sums: h may differ by an ulp here and there).
+        args = (x, y if has_y else None, scale, shift, weight, bias, 1e-6)
+        s8, q, q_scale = norms.add_norm_modulate_fp8(*args, **kw, impl="triton")
+        assert torch.equal(s8, s) and rel_err(q.float() * q_scale, h.reshape(B * N, C)) < 0.05
+        # With the plain form's tile: quantize_rowwise of its h, the hardware e4m3 cast against torch's. The two
+        # compiled kernels may contract a multiply-add differently, so a row element can differ by one 16-bit ulp
+        # before the quantization (14 of 18.4M elements at the model's width: fp8-fast-2026-11-27/).
+        _, h1 = norms._add_norm_modulate_triton(*args, **kw, rows=2, num_warps=8)
+        _, q, q_scale = norms._add_norm_modulate_triton(*args, **kw, rows=2, num_warps=8, quant=True)
+        want_q, want_scale = quantize_rowwise(h1.reshape(B * N, C))
+        assert (q_scale != want_scale).sum().item() <= 1 and rel_err(q_scale, want_scale) < 1e-3 and q.dtype == E4M3
+        differing = (q.view(torch.uint8) != want_q.view(torch.uint8)).sum().item()
+        assert differing <= max(2, q.numel() // 100_000), differing
+        assert rel_err(q.float(), want_q.float()) < 1e-3
