@@ -146,6 +146,80 @@ def test_a_stalled_worker_that_comes_back_leaves_the_job_to_the_next_attempt(sta
     assert first.alive()  # the stalled worker goes on serving
 
 
+def test_a_stalled_worker_that_came_back_leaves_the_owner_lost_worker_detection(stack, services):
+    """After a stalled worker came back and stopped its lost attempt, the attempt that owns the job is still watched:
+    its worker dying fails the job at attempt 2. (The stalled attempt used to finish RQ's shared job as done, with
+    its stale retry count: the owner's death then went unnoticed, the record "running" for good, or the job ran a
+    third time.)"""
+    import os
+    import signal
+
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    fresh = [services.worker(MODEL, wait=False) for _ in range(2)]
+    for w in fresh:
+        services.wait_worker(w)
+    stack.workers.extend(fresh)
+    job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": 801, "seed": 15}).json()["id"]
+    first, _ = worker_running(stack, job_id, attempt=1, chunks=2)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second, _ = worker_running(stack, job_id, attempt=2)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    wait_until(lambda: "stopped: attempt 1" in first.log(), 60, what="the stalled attempt to stop")
+    client = services.redis.client()
+    try:
+        assert Job.fetch(job_id, connection=client, serializer=JSONSerializer).get_status() == "started"
+    finally:
+        client.close()
+    assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "running"
+    second.kill9()
+
+    job = wait_job(stack.client, job_id, timeout=120)
+    assert job["status"] == "failed" and job["attempt"] == 2, job
+    assert job["error"]["type"] == "WorkerLost" and "during attempt 2" in job["error"]["message"]
+    assert not list(services.output_dir.glob(f"{job_id}*.partial"))
+    assert first.alive()
+
+
+def test_a_worker_stopped_while_taking_a_job_leaves_it_to_the_next(stack, services):
+    """A worker stopped (docker compose stop) just as it takes a job from the queue, before the job starts, leaves
+    the job's id in RQ's intermediate list: the record said queued, and nothing ran it. It goes back to the queue
+    within a heartbeat TTL and the next worker runs it as its first attempt."""
+    import os
+    import signal
+    import time
+
+    import redis as redis_lib
+    from workers import jobs
+
+    taker = services.worker("tiny")  # the only worker of its queue, so it is the one that takes the job
+    time.sleep(1.5)  # registered; now blocked in its dequeue
+    os.kill(taker.pid, signal.SIGSTOP)  # blocked in its dequeue: Redis still hands it the job
+    job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": 9, "seed": 16, "model": "tiny"}
+                               ).json()["id"]
+    r = redis_lib.Redis.from_url(services.redis.url)
+    try:
+        queue = jobs.get_queue(r, "tiny")
+        wait_until(lambda: r.lrange(queue.intermediate_queue_key, 0, -1) == [job_id.encode()], 10,
+                   what="the stopped worker to take the job")
+        os.kill(taker.pid, signal.SIGTERM)
+        os.kill(taker.pid, signal.SIGCONT)
+        taker.popen.wait(30)
+        assert stack.client.get(f"/jobs/{job_id}").json()["status"] == "queued"
+        # The API's lost-worker pass puts it back (no worker of this model is left to do it).
+        wait_until(lambda: r.lrange(queue.key, 0, -1) == [job_id.encode()], 30, what="the job back on its queue")
+        assert r.llen(queue.intermediate_queue_key) == 0
+    finally:
+        r.close()
+    services.worker("tiny")
+    job = wait_job(stack.client, job_id, timeout=120)
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job
+    assert len(decode_mp4(stack.client.get(f"/jobs/{job_id}/video").content)) == 9
+
+
 def test_a_worker_stopped_twice_mid_job_hands_the_job_on(stack, services):
     """A second SIGTERM (or Ctrl-C) stops a worker in the middle of a job: RQ raises SystemExit inside it. The job is
     re-queued like a lost worker's, and another worker finishes it (it used to stay "running" for good)."""
@@ -233,6 +307,48 @@ def test_only_the_owning_attempt_names_the_video(services, tmp_path, monkeypatch
         assert video_path(tmp_path, job_id).read_bytes() == b"init-bchunk-btail-b"
         assert [e["attempt"] for e in map(json.loads, r.lrange(jobs.chunks_key(job_id), 0, -1))] == [2]
         assert sorted(p.name for p in tmp_path.iterdir()) == [f"{job_id}.mp4"]
+    finally:
+        r.close()
+        get_settings.cache_clear()
+
+
+def test_rq_maintenance_runs_a_job_stuck_after_its_take_instead_of_failing_it(services, monkeypatch):
+    """RQ's own pass over the intermediate list hands a job taken but never started to handle_job_failure: the job
+    goes back to its queue (its record still queued) instead of failing in RQ while the record stays queued."""
+    import uuid
+
+    import redis as redis_lib
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+    from server.settings import get_settings
+    from workers import jobs
+    from workers.worker import STUCK_IN_INTERMEDIATE, GenerationWorker
+
+    monkeypatch.setenv("REDIS_URL", services.redis.url)
+    get_settings.cache_clear()
+    r = redis_lib.Redis.from_url(services.redis.url)
+    try:
+        model = f"stuck-{uuid.uuid4().hex[:8]}"
+        job_id = uuid.uuid4().hex
+        jobs.submit_job(r, job_id=job_id, model=model, params={"prompt": "a ball"}, owner="", settings=get_settings())
+        queue = jobs.get_queue(r, model)
+        assert r.lmove(queue.key, queue.intermediate_queue_key) == job_id.encode()  # a worker's take
+        worker = GenerationWorker([model], connection=r, name=f"w-{job_id[:6]}", settings=get_settings(), info={})
+        job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+        worker.handle_job_failure(job, queue, exc_string=STUCK_IN_INTERMEDIATE + ".")
+        assert r.lrange(queue.key, 0, -1) == [job_id.encode()] and r.llen(queue.intermediate_queue_key) == 0
+        job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+        assert job.get_status() == "queued" and job.retries_left == jobs.RETRIES_ON_WORKER_LOSS
+        assert jobs.read_job(r, job_id)["status"] == "queued"
+
+        # One cancelled meanwhile only leaves the list.
+        other = uuid.uuid4().hex
+        jobs.submit_job(r, job_id=other, model=model, params={"prompt": "a cat"}, owner="", settings=get_settings())
+        r.lrem(queue.key, 1, other)
+        r.rpush(queue.intermediate_queue_key, other)
+        assert jobs.request_cancel(r, other, get_settings()) == "cancelled"
+        assert not jobs.return_to_queue(r, queue, other)
+        assert r.llen(queue.intermediate_queue_key) == 0 and r.lrange(queue.key, 0, -1) == [job_id.encode()]
     finally:
         r.close()
         get_settings.cache_clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from enum import StrEnum
 from typing import Any
@@ -54,6 +55,15 @@ _JSON_FIELDS = ("params", "progress", "error", "timings", "start")
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "eta_s", "first_chunk_at")
 _INT_FIELDS = ("attempt", "chunks", "bytes", "init_attempt")
 _BINARY_FIELDS = ("init", "tail")
+
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_job_id(value: str) -> bool:
+    """Whether ``value`` has the form of the ids the API issues (uuid4 hex). Anything else names no job: it never
+    reaches Redis, where ``<id>:chunks`` would name another key of a job."""
+    return _JOB_ID.fullmatch(value) is not None
 
 
 def job_key(job_id: str) -> str:
@@ -355,6 +365,7 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
     # A stopped worker acts only for its own attempt: one that had stalled and lost the job must leave the attempt
     # that runs it now alone.
     if stopped and (record["status"] != JobStatus.RUNNING or getattr(job, "sana_attempt", None) != attempt):
+        job.sana_superseded = True  # the worker leaves RQ's job (shared with that attempt) as it is
         return
     what = "was stopped" if stopped else "stopped responding"
     if job.retries_left and job.retries_left > 0:
@@ -397,5 +408,61 @@ def requeue_abandoned(r: redis.Redis, models: list[str]) -> None:
             continue
         try:
             StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
+            requeue_untaken(r, queue)
         finally:
             queue.release_maintenance_lock()
+
+
+# KEYS[1] the queue's intermediate list, KEYS[2] the queue; ARGV[1] the job id. Back to the head of the queue (it was
+# the oldest job there), once: 1 when it moved.
+_RETURN_TO_QUEUE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def untaken_key(job_id: str) -> str:
+    """When a job id was first seen in its queue's intermediate list without a start (``requeue_untaken``)."""
+    return f"sana:job:{job_id}:untaken"
+
+
+def return_to_queue(r: redis.Redis, queue: Queue, job_id: str) -> bool:
+    """Move a job that a worker took off ``queue`` but never started back to the head of the queue, if its record
+    is still queued (a cancelled or expired one only leaves the intermediate list). True when it went back."""
+    r.delete(untaken_key(job_id))
+    if r.hget(job_key(job_id), "status") != JobStatus.QUEUED.encode():
+        r.lrem(queue.intermediate_queue_key, 1, job_id)
+        return False
+    moved = bool(r.eval(_RETURN_TO_QUEUE, 2, queue.intermediate_queue_key, queue.key, job_id))
+    if moved:
+        logging.getLogger("sana.jobs").warning("job %s: taken off its queue by a worker that never started it; "
+                                               "back on the queue", job_id)
+    return moved
+
+
+def requeue_untaken(r: redis.Redis, queue: Queue, settings: Settings | None = None) -> list[str]:
+    """Put back on the queue the jobs that a worker took but never started; returns their ids.
+
+    A worker takes a job by moving its id from the queue to RQ's intermediate list, and starts it (the started
+    registry) a moment later. A worker stopped or killed in between leaves the id there: the record says queued
+    and nothing would ever run it (RQ's own pass, every 10 minutes, would fail it). An id seen there without a start
+    for longer than a worker's heartbeat TTL goes back to the head of the queue.
+    """
+    settings = settings or get_settings()
+    back = []
+    for raw in r.lrange(queue.intermediate_queue_key, 0, -1):
+        job_id = raw.decode()
+        if job_id in queue.started_job_registry:
+            continue  # started: the started registry's cleanup watches it
+        now = time.time()
+        # The mark expires: one left by a pass that saw a job in the moment between its take and its start must not
+        # count when the job comes back here much later.
+        if r.set(untaken_key(job_id), now, nx=True, ex=3 * settings.heartbeat_ttl_s):
+            continue  # first seen now
+        if now - float(r.get(untaken_key(job_id)) or now) >= settings.heartbeat_ttl_s \
+                and return_to_queue(r, queue, job_id):
+            back.append(job_id)
+    return back

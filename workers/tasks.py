@@ -141,7 +141,10 @@ def generate_video(job_id: str, model: str, params: dict[str, Any]) -> dict[str,
         return {"status": "skipped"}
     job.sana_attempt = attempt  # for on_job_failure, should this worker be stopped in the middle of the attempt
     log.info("job %s: attempt %d on %s", job_id, attempt, engine.worker_name)
-    return JobRun(engine, r, job_id, attempt, get_settings()).run(params)
+    result = JobRun(engine, r, job_id, attempt, get_settings()).run(params)
+    if result.get("status") == "superseded":
+        job.sana_superseded = True  # the worker leaves RQ's job (shared with the attempt that owns it) as it is
+    return result
 
 
 class JobRun:

@@ -1,12 +1,14 @@
 """A GPU worker: loads the engine once, then takes jobs from its model's queue one at a time.
 
-It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded) with three changes:
+It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded) with four changes:
 
 - a heartbeat thread refreshes the worker's registration (``workers/registry.py``), RQ's worker and execution
   heartbeats, and looks for jobs of dead workers (``jobs.requeue_abandoned``), every ``SANA_HEARTBEAT_S``;
 - a running job's execution expires ``3 x SANA_HEARTBEAT_S`` after the last heartbeat (RQ's default for an
   in-process worker is the job timeout, hours), so a ``kill -9`` is noticed within seconds;
-- retries are for lost workers only: an exception raised by a job is final (it would recur on any worker).
+- retries are for lost workers only: an exception raised by a job is final (it would recur on any worker);
+- an attempt that lost its job (the worker stalled and the job went on elsewhere) leaves RQ's job, shared with the
+  attempt that owns it, untouched.
 
 Run it with ``sana-video worker --model NAME --device cuda:N`` (or ``python -m workers``). Any number of workers
 on any number of GPUs and hosts may share a queue.
@@ -28,6 +30,9 @@ from workers import jobs, metrics, tasks
 from workers.registry import canonical_model, register_worker, unregister_worker
 
 log = logging.getLogger("sana.worker")
+
+# The reason RQ's intermediate-queue maintenance gives handle_job_failure (rq.intermediate_queue).
+STUCK_IN_INTERMEDIATE = "Job was stuck in intermediate queue"
 
 
 class GenerationWorker(SimpleWorker):
@@ -55,10 +60,28 @@ class GenerationWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat_ttl_s
 
+    def handle_job_success(self, job, queue, started_job_registry, execution):
+        if getattr(job, "sana_superseded", False):
+            return self._leave_to_owner(job, execution)
+        return super().handle_job_success(job, queue, started_job_registry, execution)
+
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
+        if getattr(job, "sana_superseded", False):
+            return self._leave_to_owner(job, execution)
+        if exc_string.startswith(STUCK_IN_INTERMEDIATE) and jobs.return_to_queue(self.connection, queue, job.id):
+            return  # RQ's maintenance found a job taken by a worker that never started it: it runs, not fails
         if not getattr(job, "requeue_on_stop", False):  # set by on_job_failure for a worker stopped mid-job
             job.retries_left = 0  # retries are for lost or stopped workers only
         return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    def _leave_to_owner(self, job, execution) -> None:
+        """An attempt that lost its job (this worker was taken for lost and the job re-queued) ends here: only its
+        execution goes. RQ's job hash is shared with the attempt that owns the job now; writing this attempt's
+        outcome over it (finished, or failed, and its stale retries left) would hide a later death of the owner from
+        the lost-worker check, or retry the job twice."""
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe, execution=execution)
+            pipe.execute()
 
     def perform_job(self, job, queue, execution) -> bool:
         with self._lock:
