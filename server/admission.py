@@ -39,6 +39,24 @@ def served_model_names(served: dict[str, list], settings: Settings) -> list[str]
     return sorted(set(served) | {canonical_model(settings.model)})
 
 
+def preset_capabilities(model: str) -> dict[str, Any] | None:
+    """What a model with no live worker yet can do, from its preset, in the form of a worker's registration (causal,
+    limits, defaults): admission checks requests against it, and GET /models shows it. None for a model that is
+    not a preset (a folder or hub id: known once its worker is up)."""
+    preset = get_preset(model)
+    if preset is None:
+        return None
+    mode = "stream" if preset.causal else "clip"
+    return {
+        "causal": preset.causal,
+        "limits": {"mode": mode, "max_pixels": preset.max_pixels,
+                   "frames": {"min": 1, "max": preset.max_frames if preset.causal else preset.max_clip_frames,
+                              "rule": "4k+1"}},
+        "defaults": {"width": preset.width, "height": preset.height, "frames": preset.frames, "fps": preset.fps,
+                     "mode": mode},
+    }
+
+
 def admit(req: GenerateRequest, r: redis.Redis, settings: Settings) -> tuple[str, dict[str, Any]]:
     served = served_models(r)
     model = canonical_model(req.model) if req.model else canonical_model(settings.model)
@@ -52,15 +70,13 @@ def admit(req: GenerateRequest, r: redis.Redis, settings: Settings) -> tuple[str
     defaults: dict[str, Any] = dict(info.get("defaults", {}))
     limits: dict[str, Any] = dict(info.get("limits", {}))
     causal = info.get("causal")
-    preset = get_preset(model)
     # Sizes the checks below assume where the request leaves them out: a live worker's defaults fill the request
     # itself; without one, the preset's (the worker fills the same when it runs the job).
     assumed: dict[str, Any] = {}
-    if not workers and preset is not None:
-        causal = preset.causal
-        limits = {"max_pixels": preset.max_pixels,
-                  "frames": {"max": preset.max_frames if causal else preset.max_clip_frames}}
-        assumed = {"frames": preset.frames, "width": preset.width, "height": preset.height}
+    preset = None if workers else preset_capabilities(model)
+    if preset is not None:
+        causal, limits = preset["causal"], preset["limits"]
+        assumed = {k: preset["defaults"][k] for k in ("frames", "width", "height")}
 
     params = req.model_dump(exclude={"model"})
     if params["mode"] is None and causal is not None:

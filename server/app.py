@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import redis
@@ -29,6 +30,29 @@ from workers import jobs, output
 
 log = logging.getLogger("sana.api")
 STATIC_DIR = Path(__file__).parent / "static"
+
+_ACCESS_TOKEN = re.compile(r"(access_token=)[^&\s\"]*")
+
+
+class RedactAccessTokens(logging.Filter):
+    """Blanks ``?access_token=`` in log lines: browsers and websockets send the API key in the URL, and uvicorn's
+    access log (and its websocket lines) print the whole path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "access_token=" in a for a in record.args):
+            record.args = tuple(_ACCESS_TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str) and "access_token=" in record.msg:
+            record.msg = _ACCESS_TOKEN.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def redact_server_logs() -> None:
+    """Put ``RedactAccessTokens`` on uvicorn's loggers (once; after uvicorn set up its logging)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactAccessTokens) for f in logger.filters):
+            logger.addFilter(RedactAccessTokens())
 
 
 def _requeue_pass(r: redis.Redis, settings: Settings) -> None:
@@ -64,6 +88,7 @@ async def _every(app: FastAPI, period_s: float, work, what: str, first_now: bool
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
+    redact_server_logs()
     app.state.redis = jobs.connect(settings.redis_url)
     app.state.aredis = aioredis.Redis.from_url(settings.redis_url)
     loops = [_every(app, settings.heartbeat_s, _requeue_pass, "re-queue pass", first_now=False)]
@@ -118,6 +143,17 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+def _api_routes(routes):
+    """The APIRoutes under ``routes``, included routers opened (FastAPI keeps an included router as one entry)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):
+            yield from _api_routes(route.original_router.routes)
+        elif hasattr(route, "routes"):
+            yield from _api_routes(route.routes)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -137,8 +173,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if exc.status_code == 405:
             # Starlette names only the first route matching the path; list the methods of all of them.
             methods = set()
-            for route in request.app.router.routes:
-                if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+            for route in _api_routes(request.app.router.routes):
+                if route.matches(request.scope)[0] != Match.NONE:
                     methods |= route.methods
             exc = StarletteHTTPException(405, exc.detail, headers={"Allow": ", ".join(sorted(methods))})
         return await http_exception_handler(request, exc)

@@ -74,7 +74,7 @@ MediaOwnerDep = Annotated[str, Depends(get_owner_or_query_token)]
 
 def owned_record(r: redis.Redis, job_id: str, owner: str) -> dict[str, Any]:
     """The job's record if it exists and belongs to ``owner``; 404 otherwise (others' jobs do not exist)."""
-    record = jobs.read_job(r, job_id)
+    record = jobs.read_job(r, job_id) if jobs.is_job_id(job_id) else None
     if record is None or record.get("owner", "") != owner:
         raise HTTPException(404, detail=f"no job {job_id}")
     return record

@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from server import metrics
 from engine.errors import InvalidParams
-from server.admission import LimitExceeded, admit, served_model_names
+from server.admission import LimitExceeded, admit, preset_capabilities, served_model_names
 from server.deps import MediaOwnerDep, OwnerDep, RedisDep, SettingsDep, owned_record
 from server.schemas import (
     ErrorBody,
@@ -241,7 +241,8 @@ def list_models(r: RedisDep, settings: SettingsDep, owner: OwnerDep) -> ModelLis
     out = []
     for name in served_model_names(served, settings):
         workers = served.get(name, [])
-        first = workers[0] if workers else {}
+        # No worker yet (the configured default): what its preset says, as admission checks it.
+        first = workers[0] if workers else (preset_capabilities(name) or {})
         out.append(ModelInfo(
             name=name,
             workers=[WorkerInfo(**{k: w.get(k) for k in WorkerInfo.model_fields if k in w}) for w in workers],

@@ -8,9 +8,9 @@ engine validates again before any work starts.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 Mode = Literal["clip", "stream"]
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -70,17 +70,23 @@ def accepted_range(model: type[BaseModel], field: str) -> str | None:
     info = model.model_fields.get(field)
     if info is None:
         return None
-    ge = le = mult = min_len = max_len = None
+    ge = le = gt = lt = mult = min_len = max_len = None
     for m in info.metadata:
         ge = getattr(m, "ge", ge)
         le = getattr(m, "le", le)
+        gt = getattr(m, "gt", gt)
+        lt = getattr(m, "lt", lt)
         mult = getattr(m, "multiple_of", mult)
         min_len = getattr(m, "min_length", min_len)
         max_len = getattr(m, "max_length", max_len)
     parts = []
     if min_len is not None or max_len is not None:
         parts.append(f"{min_len or 0}..{max_len} characters")
-    if ge is not None or le is not None:
+    if gt is not None or lt is not None:
+        low = f"{gt} < " if gt is not None else (f"{ge} <= " if ge is not None else "")
+        high = f" < {lt}" if lt is not None else (f" <= {le}" if le is not None else "")
+        parts.append(f"{low}{field}{high}")
+    elif ge is not None or le is not None:
         parts.append(f"{ge}..{le}")
     if mult:
         parts.append(f"multiple of {mult}")
@@ -179,6 +185,7 @@ class ErrorBody(BaseModel):
 # ------------------------------------------------------------------------------------------- OpenAI-style aliases
 
 _SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
+_SECONDS_TEXT = re.compile(r"^\d{1,4}(\.\d{1,6})?$")
 
 
 class VideoCreateRequest(_RequestChecks):
@@ -188,7 +195,11 @@ class VideoCreateRequest(_RequestChecks):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(None, min_length=1, max_length=200)
-    seconds: float | None = Field(None, gt=0, le=3600, description="Duration; frames = 4k+1 nearest seconds x fps.")
+    seconds: Annotated[float | None, WithJsonSchema({"anyOf": [
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+        {"type": "string", "pattern": _SECONDS_TEXT.pattern}, {"type": "null"}]})] = Field(
+        None, gt=0, le=3600,
+        description="Duration, a number or a string as OpenAI's API sends it; frames = 4k+1 nearest seconds x fps.")
     size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 832x480.", examples=["832x480"])
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
@@ -197,6 +208,16 @@ class VideoCreateRequest(_RequestChecks):
     guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     mode: Mode | None = None
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds_as_text(cls, value: Any) -> Any:
+        # OpenAI's API takes seconds as a string ("4", "8", "12") and answers with one; so does this one.
+        if isinstance(value, str):
+            if not _SECONDS_TEXT.fullmatch(value):
+                raise ValueError("expected a number of seconds, e.g. 4 or \"4\"")
+            return float(value)
+        return value
 
     @field_validator("size")
     @classmethod

@@ -20,7 +20,8 @@ Warmup = Literal["auto", "on", "off"]
 
 class Settings(BaseSettings):
     # Empty variables count as unset (compose files list every variable, most of them empty).
-    model_config = SettingsConfigDict(env_prefix="SANA_", extra="ignore", env_ignore_empty=True)
+    # populate_by_name: Settings(redis_url=...) in code sets the field (the env alias alone would ignore it).
+    model_config = SettingsConfigDict(env_prefix="SANA_", extra="ignore", env_ignore_empty=True, populate_by_name=True)
 
     redis_url: str = Field(
         "redis://localhost:6379/0",

@@ -78,7 +78,7 @@ async def stream_job(websocket: WebSocket, job_id: str):
     if from_chunk < 0:
         await _deny(websocket, 422, f"from_chunk: {raw!r} is not a chunk index (accepted: an integer >= 0)")
         return
-    job_owner = await ar.hget(jobs.job_key(job_id), "owner")  # None: no such job
+    job_owner = await ar.hget(jobs.job_key(job_id), "owner") if jobs.is_job_id(job_id) else None  # None: no job
     if job_owner is None or job_owner.decode() != owner:
         await _deny(websocket, 404, f"no job {job_id}")
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import read_stream
+from conftest import read_stream, wait_until
 from websockets.exceptions import InvalidStatus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -79,3 +79,14 @@ def test_the_owner_sees_its_job_by_header_or_media_token(api, alice_job):
 def test_owner_can_cancel_its_job(api, alice_job):
     r = httpx.delete(f"{api}/jobs/{alice_job}", headers=bearer(ALICE))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+def test_keys_in_urls_stay_out_of_the_log(api, alice_job, services):
+    """Browsers and websockets send the key as ?access_token=: the API's access log must not keep it."""
+    assert httpx.get(f"{api}/jobs/{alice_job}/video", params={"access_token": ALICE}).status_code == 409
+    read_stream(api, alice_job, access_token=ALICE, stop=lambda event: True)
+    port = api.rsplit(":", 1)[1]
+    proc = next(p for p in services.procs if p.name == f"api-{port}")
+    log = wait_until(lambda: proc.log() if proc.log().count("access_token=[redacted]") >= 2 else None, 10,
+                     what="the access log lines")
+    assert ALICE not in log

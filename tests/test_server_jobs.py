@@ -178,6 +178,33 @@ def test_oversized_bodies_get_413_before_they_are_read(stack):
     assert wait_job(stack.client, small)["status"] == "succeeded"
 
 
+def test_other_keys_of_a_job_are_not_jobs(stack):
+    """A job's other Redis keys (its chunk list, stream, cancel flag) are named by its id plus a suffix; a path id
+    of that form is no job: 404, as any unknown id, never the job store's error."""
+    from websockets.exceptions import InvalidStatus
+
+    job_id = submit(stack.client, prompt="a small red circle", frames=5, width=32, height=32, steps=2)
+    assert wait_job(stack.client, job_id)["status"] == "succeeded"
+    for suffix in (":chunks", ":stream", ":cancel", "X"):
+        bad = job_id + suffix
+        for method, path in (("GET", f"/jobs/{bad}"), ("DELETE", f"/jobs/{bad}"), ("GET", f"/jobs/{bad}/video"),
+                             ("GET", f"/v1/videos/{bad}"), ("GET", f"/v1/videos/{bad}/content")):
+            r = stack.client.request(method, path)
+            assert r.status_code == 404, (method, path, r.status_code, r.text)
+        with pytest.raises(InvalidStatus) as info:
+            read_stream(stack.url, bad)
+        assert info.value.response.status_code == 404
+    assert stack.client.get(f"/jobs/{job_id}").status_code == 200
+
+
+def test_a_method_a_path_does_not_have_is_405_with_allow(stack):
+    job_id = "0" * 32
+    for method, path, allow in (("PUT", f"/jobs/{job_id}", "DELETE, GET"), ("GET", "/generate", "POST"),
+                                ("POST", f"/jobs/{job_id}/video", "GET, HEAD"), ("PATCH", "/v1/videos", "POST")):
+        r = stack.client.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
+
+
 def test_unknown_job_is_404_everywhere(stack):
     from websockets.exceptions import InvalidStatus
 
@@ -204,6 +231,11 @@ def test_server_limits_answer_429_and_503_with_retry_after(stack, services):
         detail = r.json()["detail"][0]
         assert r.status_code == 429 and detail["field"] == "seconds", r.text
         assert detail["accepted"] == "0 < seconds <= 1 at 16 fps" and "33 frames" in detail["msg"]
+        # Seconds as OpenAI's API sends them, a string, mean the same.
+        r = client.post("/v1/videos", json={"prompt": "a cat", "seconds": "2", "size": "64x64"})
+        assert r.status_code == 429 and r.json()["detail"][0]["accepted"] == detail["accepted"], r.text
+        r = client.post("/v1/videos", json={"prompt": "a cat", "seconds": "two"})
+        assert r.status_code == 422 and r.json()["detail"][0]["accepted"] == "0 < seconds <= 3600", r.text
         r = client.post("/v1/videos", json={"prompt": "a cat", "seconds": 1, "size": "128x64"})
         assert r.status_code == 429 and r.json()["detail"][0]["field"] == "size", r.text
         ok = [client.post("/generate", json={"prompt": "a cat", "frames": 17, "width": 64, "height": 64})
@@ -213,6 +245,11 @@ def test_server_limits_answer_429_and_503_with_retry_after(stack, services):
         assert full.status_code == 503 and full.headers["retry-after"] == "7"
         assert "queue" in full.json()["detail"]
         assert client.get("/readyz").status_code == 503  # no worker for its default model
+        # /models shows what admission assumes for it until its worker is up: the preset's mode, limits, sizes.
+        model = next(m for m in client.get("/models").json()["models"] if m["name"] == "sana-video-480p")
+        assert model["workers"] == [] and model["causal"] is False
+        assert model["limits"]["mode"] == "clip" and model["limits"]["frames"]["max"] > 81
+        assert model["defaults"] == {"width": 832, "height": 480, "frames": 81, "fps": 16, "mode": "clip"}
         # Without a worker, a size the request leaves out is the preset's (480x832, 81 frames) for the checks too.
         for body, field in (({"width": 4096}, "width"), ({"height": 4096}, "width"), ({"width": 64}, "frames")):
             r = client.post("/generate", json={"prompt": "a cat", **body})

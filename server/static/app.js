@@ -642,7 +642,7 @@ function readForm() {
   const params = {
     prompt: String(data.get("prompt") || "").trim(),
     model: data.get("model") || undefined,
-    mode: data.get("mode") || "stream",
+    mode: data.get("mode") || undefined,
   };
   const negative = String(data.get("negative_prompt") || "").trim();
   if (negative) params.negative_prompt = negative;
@@ -650,6 +650,8 @@ function readForm() {
     const value = String(data.get(field) || "").trim();
     if (value !== "") params[field] = parseInt(value, 10);
   }
+  // An empty seed box means a new video each time: the page draws the seed (the job record shows it).
+  if (params.seed === undefined) params.seed = Math.floor(Math.random() * 2 ** 31);
   const guidance = String(data.get("guidance_scale") || "").trim();
   if (guidance !== "") params.guidance_scale = parseFloat(guidance);
   return params;
