@@ -67,10 +67,12 @@ def generate(
     from engine.errors import EngineError
     from engine.types import GenerationParams
 
-    def _terminated(signum, frame):  # docker stop, systemd, timeout: unwind as Ctrl-C does (the partial goes)
-        raise SystemExit(128 + signum)
+    def _terminated(signum, frame):  # docker stop, systemd, timeout, a closed terminal: unwind as Ctrl-C does
+        raise SystemExit(128 + signum)  # (the partial file goes)
 
     signal.signal(signal.SIGTERM, _terminated)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _terminated)
     model = model or default_model()
     try:
         if out.exists() and out.is_dir():
@@ -97,7 +99,10 @@ def generate(
                 steps=steps, guidance_scale=guidance_scale, seed=seed, mode=mode,
             )
         )
-        _run_generation(pipe, params, out, quiet)
+        try:
+            _run_generation(pipe, params, out, quiet)
+        except OSError as exc:  # the file could not be made or written (its name too long, the disk full...)
+            _fail(f"--out {out}: {exc.strerror or exc} (nothing was written)")
     except EngineError as exc:
         _fail(str(exc))
 

@@ -85,12 +85,16 @@ def _transformer_folder(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: expected config.json or transformer/config.json (diffusers format)")
 
 
-def read_json(path: Path, what: str = "malformed"):
-    """The JSON in ``path``; CheckpointError ``"<path>: <what> (<reason>)"`` when it cannot be read or parsed."""
+def read_json(path: Path, what: str = "malformed") -> dict:
+    """The JSON object in ``path`` (every config file of a checkpoint holds one); CheckpointError
+    ``"<path>: <what> (<reason>)"`` when it cannot be read or parsed, or holds something else."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} (a JSON {type(data).__name__}, expected an object)")
+    return data
 
 
 def unwritable_folder(folder: Path) -> str | None:
@@ -161,8 +165,11 @@ def load_transformer(path_or_hub_id: str, dtype=None, device=None) -> SanaVideoT
     folder = _transformer_folder(resolve_folder(source, subfolder="transformer"))
     config, causal = read_transformer_config(folder)
     state = read_state_dict(folder)
-    with torch.device("meta"):
-        model = SanaVideoTransformer(config, causal=causal)
+    try:
+        with torch.device("meta"):
+            model = SanaVideoTransformer(config, causal=causal)
+    except (TypeError, ValueError) as exc:  # a config value of the wrong type ("num_layers": "six")
+        raise CheckpointError(f"{folder / 'config.json'}: cannot build the transformer ({exc})") from exc
     model.rope = RotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -166,16 +166,33 @@ class VideoPipeline:
             if unknown:
                 raise CheckpointError(f"{folder / PRESET_FILE}: unknown settings {unknown} (accepted: "
                                       f"{', '.join(sorted(known))})")
+            fields = {f.name: f for f in dataclasses.fields(ModelPreset)}
+            for key, value in overrides.items():
+                if not _same_kind(fields[key], getattr(base, key), value):
+                    raise CheckpointError(f"{folder / PRESET_FILE}: {key} is {value!r}, not of the kind of the "
+                                          f"default {getattr(base, key)!r}")
             if "stream_timesteps" in overrides:
                 overrides["stream_timesteps"] = tuple(overrides["stream_timesteps"])
         preset = dataclasses.replace(base, name=name, causal=transformer.causal, source=str(folder), **overrides)
+        for part, needed in (("text_encoder", "config.json"), ("tokenizer", "tokenizer.json")):
+            if not (folder / part / needed).is_file():  # else transformers falls back to defaults, or misleads
+                raise CheckpointError(f"{folder}: {part}/{needed} is missing")
+        loading = "vae"
         try:
             with _quiet_libraries():
                 vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae").eval()
+                loading = "tokenizer"
                 tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+                loading = "text_encoder"
                 encoder = Gemma2Model.from_pretrained(folder, subfolder="text_encoder").eval()
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{folder}: could not load a component ({exc})") from exc
+        except Exception as exc:  # damaged files surface as safetensors', transformers' or diffusers' own errors
+            raise CheckpointError(f"{folder}: could not load {loading} ({type(exc).__name__}: {exc})") from exc
+        latent = vae.config.z_dim
+        if not latent == transformer.config.in_channels == (transformer.config.out_channels or latent):
+            raise CheckpointError(
+                f"{folder}: vae z_dim {latent} != transformer in_channels {transformer.config.in_channels} / "
+                f"out_channels {transformer.config.out_channels}"
+            )
         if encoder.config.hidden_size != transformer.config.caption_channels:
             raise CheckpointError(
                 f"{folder}: text_encoder hidden_size {encoder.config.hidden_size} != transformer caption_channels "
@@ -279,7 +296,9 @@ class VideoPipeline:
             if not isinstance(value, int) or value < m or value % m:
                 raise InvalidParams(field, f"{value!r} is not a positive multiple of {m}", f"multiples of {m}")
         if width * height > p.max_pixels:
-            raise InvalidParams("width", f"{width}x{height} exceeds {p.max_pixels} pixels", f"width*height <= {p.max_pixels}")
+            # The field the request set, when it set one of the two (the other is the model's default).
+            field = "height" if params.height is not None and params.width is None else "width"
+            raise InvalidParams(field, f"{width}x{height} exceeds {p.max_pixels} pixels", f"width*height <= {p.max_pixels}")
         max_frames = p.max_frames if mode == "stream" else p.max_clip_frames
         frames = p.frames if params.frames is None else params.frames
         if not isinstance(frames, int) or frames < 1 or (frames - 1) % TEMPORAL_FACTOR or frames > max_frames:
@@ -515,15 +534,30 @@ class DecodeQueue:
         return index, host.numpy().copy()
 
 
+def _same_kind(field: dataclasses.Field, default, value) -> bool:
+    """Whether a ``sana_video.json`` value can stand where the preset has ``default`` (JSON has no tuples)."""
+    if value is None:
+        return "None" in str(field.type)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return number
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple):
+        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return True  # None defaults (component configs): checked where they are used
+
+
 def _component_class(folder: Path, component: str) -> str | None:
     """The class model_index.json names for ``component`` (None when the file or entry is absent)."""
     index = folder / "model_index.json"
     if not index.exists():
         return None
-    try:
-        entry = json.loads(index.read_text()).get(component)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{index}: malformed ({exc})") from exc
+    entry = read_json(index).get(component)
     return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
 
 

@@ -131,8 +131,20 @@ def staged_folder(out: Path):
 
 
 def _check_output_folder(out: Path) -> None:
+    """A new or empty folder whose nearest existing ancestor is a folder this process can write in; checked before
+    a calibration that can take minutes, not when the result is saved."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QuantizationError(f"output {out} already exists and is not an empty folder (accepted: a new or empty folder)")
+    from engine.loading import unwritable_folder
+
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QuantizationError(f"output {out}: {parent} is a file, not a folder (accepted: a new or empty folder)")
+    reason = unwritable_folder(parent)
+    if reason is not None:
+        raise QuantizationError(f"output {out}: cannot write in {parent} ({reason})")
 
 
 def is_quantized_folder(path: str | Path) -> bool:

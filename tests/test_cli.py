@@ -73,6 +73,8 @@ def mismatched_checkpoint(tmp_path_factory):
         (["--device", "gpu"], "unsupported device 'gpu' (accepted: cpu, cuda, cuda:N)"),
         (["--device", "cuda:x"], "unsupported device 'cuda:x'"),
         (["--prompt", " ".join(["red"] * 40)], "prompt: 41 tokens"),
+        (["--height", "2048"], "height: 64x2048 exceeds 65536 pixels"),  # the field given, not the default width
+        (["--width", "2048"], "width: 2048x64 exceeds 65536 pixels"),
     ],
 )
 def test_bad_input_exit_2_and_no_file(tmp_path, args, message):
@@ -95,12 +97,33 @@ def test_checkpoint_mismatch_exit_2(tmp_path, mismatched_checkpoint):
     assert not out.exists()
 
 
+def _vae_with_other_latents(folder: Path) -> None:
+    """A whole, loadable VAE of 8 latent channels in place of the 16 the transformer denoises."""
+    from diffusers import AutoencoderKLWan
+
+    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
+    AutoencoderKLWan(**{**config, "z_dim": 8}).save_pretrained(folder)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 9),
      "unreadable weights"),
     (lambda f: (f / "sana_video.json").write_text("{not json"), "sana_video.json: malformed"),
     (lambda f: (f / "sana_video.json").write_text('{"frobs": 3}'), "unknown settings ['frobs']"),
     (lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[1,"), "scheduler_config.json: malformed"),
+    (lambda f: (f / "text_encoder" / "model.safetensors").write_bytes(b"\x00" * 9), "could not load text_encoder"),
+    (lambda f: (f / "text_encoder" / "config.json").unlink(), "text_encoder/config.json is missing"),
+    (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(), "tokenizer/tokenizer.json is missing"),
+    (lambda f: (f / "vae" / "config.json").write_text(
+        (f / "vae" / "config.json").read_text().replace('"z_dim": 16', '"z_dim": 8')), "could not load vae"),
+    (lambda f: _vae_with_other_latents(f / "vae"), "vae z_dim 8 != transformer in_channels 16"),
+    (lambda f: (f / "transformer" / "config.json").write_text("[1, 2]"), "a JSON list, expected an object"),
+    (lambda f: (f / "model_index.json").write_text("[]"), "a JSON list, expected an object"),
+    (lambda f: (f / "transformer" / "config.json").write_text(
+        (f / "transformer" / "config.json").read_text().replace('"num_layers": 2', '"num_layers": "two"')),
+     "cannot build the transformer"),
+    (lambda f: (f / "sana_video.json").write_text('{"stream_timesteps": 5}'), "stream_timesteps is 5"),
+    (lambda f: (f / "sana_video.json").write_text('{"height": "64"}'), "height is '64'"),
 ])
 def test_damaged_checkpoint_exit_2(tmp_path, damage, message):
     from engine.pipeline import VideoPipeline
@@ -119,6 +142,17 @@ def test_out_that_is_not_mp4_exit_2(tmp_path):
         result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--out", str(tmp_path / name)])
         assert result.exit_code == 2 and "ending in .mp4" in result.output, (name, result.output)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_whose_partial_file_cannot_be_made_exit_2(tmp_path):
+    """A name the folder takes but not with the partial file's suffix (the file system's name limit): one message,
+    exit 2, nothing left."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    out = tmp_path / ("v" * (limit - 4) + ".mp4")
+    result = runner.invoke(app, ["generate", "--model", "tiny", "--prompt", "a", "--frames", "5", "--out", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 2 and "File name too long" in result.output, result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
 
 
 def test_out_folder_missing_exit_2(tmp_path):
@@ -181,8 +215,9 @@ def test_worker_on_a_cuda_device_without_cuda_exit_2():
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_mid_stream_leaves_the_old_file_and_no_partial(tmp_path):
-    """docker stop, systemd and timeout send SIGTERM: the run unwinds as Ctrl-C does."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_mid_stream_leaves_the_old_file_and_no_partial(tmp_path, signame):
+    """docker stop, systemd and timeout send SIGTERM, a closed terminal SIGHUP: the run unwinds as Ctrl-C does."""
     import signal
     import time
 
@@ -196,8 +231,8 @@ def test_sigterm_mid_stream_leaves_the_old_file_and_no_partial(tmp_path):
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.1)
     assert list(tmp_path.glob("keep.mp4.*.partial")), "the stream never started writing"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
+    proc.send_signal(getattr(signal, signame))
+    assert proc.wait(60) == 128 + getattr(signal, signame)
     assert out.read_bytes() == b"the earlier video" and not list(tmp_path.glob("*.partial"))
 
 

@@ -163,3 +163,18 @@ def test_quantize_command_on_a_two_block_model_needs_and_takes_the_keep_options(
     config = read_quant_config(tmp_path / "b")
     assert config["precision"] == "fp8" and config["policy"]["keep_first_blocks"] == 0
     assert any(d["quantize"] for d in config["layers"].values())
+
+
+def test_quantize_refuses_an_out_it_cannot_make_before_calibrating(tmp_path):
+    """An --out under a file is refused at once (exit 2), not after the whole calibration when the result is saved."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(app, ["quantize", "--model", "tiny", "--precision", "fp8", "--device", "cpu",
+                                      "--keep-first-blocks", "0", "--keep-last-blocks", "0",
+                                      "--out", str(tmp_path / "a-file" / "deeper" / "q")])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
+    assert "calibrat" not in result.output.lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
