@@ -3,7 +3,8 @@ room in the queue. Returns the model's queue name and the parameters the job wil
 
 Errors, by what the client can do about them:
 - ``InvalidParams`` (422): the request can never run on this model (unknown model, frames or size beyond the
-  model, a mode it does not have). Names the field and what is accepted.
+  model, a mode it does not have, a prompt longer than its text encoder reads: a live worker checks that).
+  Names the field and what is accepted.
 - ``LimitExceeded`` (429): over a limit this deployment sets (SANA_MAX_FRAMES, SANA_MAX_PIXELS).
 - ``QueueFull`` (503): the model's queue holds SANA_MAX_QUEUE jobs; retry later.
 Both 429 and 503 carry Retry-After.
@@ -112,6 +113,14 @@ def admit(req: GenerateRequest, r: redis.Redis, settings: Settings) -> tuple[str
     if width is not None and height is not None and width * height > settings.max_pixels:
         raise LimitExceeded("width", f"{width}x{height} is over this server's pixel limit",
                             f"width*height <= {settings.max_pixels}")
+
+    if workers and settings.submit_check_s > 0:
+        # What only the model can tell (the prompt's tokens, among others): a live worker resolves the request as
+        # the job will. No answer in time: the job is queued and checked when it runs.
+        verdict = jobs.ask_worker_to_check(r, model, params, settings.submit_check_s)
+        if verdict is not None and not verdict["ok"]:
+            error = verdict["error"]
+            raise InvalidParams(error.get("field") or "body", error["message"], error.get("accepted") or "")
 
     depth = jobs.queue_depth(r, model)
     if depth >= settings.max_queue:

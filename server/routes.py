@@ -224,7 +224,7 @@ def get_video_content(video_id: str, r: RedisDep, settings: SettingsDep, owner: 
 @router.delete("/v1/videos/{video_id}", response_model=VideoObject, tags=["openai"],
                responses={**_AUTH, **_NOT_FOUND, 409: {"model": ErrorBody, "description": "Already ended."}})
 def delete_video(video_id: str, r: RedisDep, settings: SettingsDep, owner: OwnerDep):
-    """Cancel, as DELETE /jobs/{id}."""
+    """Cancel, as DELETE /jobs/{id} does (409 once ended); answers the video object, 200, as OpenAI's API does."""
     conflict = cancel(r, owned_record(r, video_id, owner), settings)
     if conflict is not None:
         return conflict

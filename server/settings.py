@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated API keys. Empty: no auth. Set: every route but health and metrics needs "
-        "'Authorization: Bearer <key>' and each key sees only its own jobs.",
+        description="Comma-separated API keys. Empty: no auth. Set: every job, video and model route needs "
+        "'Authorization: Bearer <key>' and each key sees only its own jobs (health, metrics, the web page and the "
+        "API docs hold no job data and stay open).",
     )
     max_frames: int = Field(8001, ge=1, description="Largest number of frames one request may ask for.")
     max_pixels: int = Field(1280 * 720, ge=256, description="Largest width x height one request may ask for.")
@@ -48,6 +49,13 @@ class Settings(BaseSettings):
         1 << 20, ge=1024, description="Largest request body in bytes; larger ones get 413 before they are read."
     )
     retry_after_s: int = Field(10, ge=1, description="Retry-After seconds sent with 429 and 503 answers.")
+    submit_check_s: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds a submission waits for a live worker of its model to check it as the engine will (the "
+        "prompt's token count among others), so that a request that cannot run gets 422 at once, not a failed job "
+        "after its queue wait; without an answer in time the job is queued and checked when it runs. 0: no check.",
+    )
     stream_maxlen: int = Field(
         512,
         ge=8,

@@ -76,7 +76,8 @@ async def stream_job(websocket: WebSocket, job_id: str):
     raw = websocket.query_params.get("from_chunk", "0")
     from_chunk = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else -1
     if from_chunk < 0:
-        await _deny(websocket, 422, f"from_chunk: {raw!r} is not a chunk index (accepted: an integer >= 0)")
+        await _deny(websocket, 422, f"from_chunk: {raw!r} is not a chunk index (accepted: an integer "
+                    "0..999999999999)")
         return
     job_owner = await ar.hget(jobs.job_key(job_id), "owner") if jobs.is_job_id(job_id) else None  # None: no job
     if job_owner is None or job_owner.decode() != owner:

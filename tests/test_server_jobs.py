@@ -156,7 +156,8 @@ def test_bad_from_chunk_is_refused_naming_the_field(stack):
             read_stream(stack.url, job_id, from_chunk=bad)
         response = info.value.response
         assert response.status_code == 422, bad
-        assert "from_chunk" in json.loads(response.body)["detail"] and ">= 0" in json.loads(response.body)["detail"]
+        detail = json.loads(response.body)["detail"]
+        assert "from_chunk" in detail and "0..999999999999" in detail
     assert wait_job(stack.client, job_id)["status"] == "succeeded"
     assert read_stream(stack.url, job_id, from_chunk="0")[-1][0]["type"] == "done"
 
@@ -176,6 +177,24 @@ def test_oversized_bodies_get_413_before_they_are_read(stack):
     assert r.status_code == 413 and r.json()["detail"][0]["field"] == "body", r.text
     small = submit(stack.client, prompt="a small red circle", frames=5, width=32, height=32, steps=2)
     assert wait_job(stack.client, small)["status"] == "succeeded"
+
+
+def test_a_prompt_longer_than_the_model_reads_is_422_at_submit(stack):
+    """Only the model's tokenizer can count a prompt's tokens: a live worker checks the request as its job would run,
+    so the client hears of it at once instead of from a failed job after its queue wait."""
+    long = " ".join(["red"] * 40)
+    depth = {m["name"]: m["queue_depth"] for m in stack.client.get("/models").json()["models"]}
+    for model in ("tiny", "tiny-causal"):
+        for field, body in (("prompt", {"prompt": long}), ("negative_prompt", {"prompt": "a", "negative_prompt": long})):
+            r = stack.client.post("/generate", json={**body, "model": model, "frames": 5})
+            assert r.status_code == 422, r.text
+            detail = r.json()["detail"][0]
+            assert detail["field"] == field and "tokens, more than model" in detail["msg"], detail
+            assert detail["accepted"].startswith("at most 32 tokens"), detail
+    r = stack.client.post("/v1/videos", json={"prompt": long, "model": "tiny"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "prompt", r.text
+    assert {m["name"]: m["queue_depth"] for m in stack.client.get("/models").json()["models"]} == depth
+    assert submit(stack.client, prompt=" ".join(["red"] * 20), model="tiny", frames=5, width=32, height=32, steps=1)
 
 
 def test_other_keys_of_a_job_are_not_jobs(stack):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import time
 from enum import StrEnum
@@ -335,6 +336,55 @@ def _remove_from_queue(r: redis.Redis, job_id: str) -> None:
         pass
     except Exception as exc:  # e.g. a worker took it meanwhile: it reads the cancelled record and skips the job
         logging.getLogger("sana.jobs").info("job %s: not removed from its queue: %s", job_id, exc)
+
+
+# ---------------------------------------------------------------------------------------------- submit checks
+#
+# The API cannot tell alone whether a request fits the model (a prompt's tokens need the model's tokenizer): it asks
+# a live worker of the model, which resolves the parameters as it would for the job. Requests go on a list per model
+# and expire with their deadline; the answer comes back on a key of the request's own.
+
+
+def check_requests_key(model: str) -> str:
+    return f"sana:check:{model}"
+
+
+def check_answer_key(request_id: str) -> str:
+    return f"sana:check:answer:{request_id}"
+
+
+def ask_worker_to_check(r: redis.Redis, model: str, params: dict[str, Any], timeout_s: float) -> dict | None:
+    """A live worker's verdict on ``params`` for ``model``: ``{"ok": True}``, or ``{"ok": False, "error": {field,
+    message, accepted}}``; None when no worker answered within ``timeout_s`` (the job is then checked when it runs).
+    """
+    import uuid
+
+    request_id = uuid.uuid4().hex
+    request = json.dumps({"id": request_id, "params": params, "deadline": time.time() + timeout_s})
+    with r.pipeline() as pipe:
+        pipe.rpush(check_requests_key(model), request)
+        pipe.expire(check_requests_key(model), max(1, math.ceil(timeout_s)) + 1)
+        pipe.execute()
+    answer = r.blpop([check_answer_key(request_id)], timeout=timeout_s)
+    return None if answer is None else json.loads(answer[1])
+
+
+def answer_checks(r: redis.Redis, models: list[str], check, wait_s: float = 1.0) -> bool:
+    """Take one check request for ``models`` (waiting up to ``wait_s``) and answer it with ``check(params)``, which
+    returns None when the parameters are fine or an error dict. False when there was none to answer."""
+    got = r.blpop([check_requests_key(m) for m in models], timeout=wait_s)
+    if got is None:
+        return False
+    request = json.loads(got[1])
+    if request["deadline"] < time.time():
+        return True  # its submission has gone on without an answer
+    error = check(request["params"])
+    answer = {"ok": error is None} if error is None else {"ok": False, "error": error}
+    with r.pipeline() as pipe:
+        pipe.rpush(check_answer_key(request["id"]), json.dumps(answer))
+        pipe.expire(check_answer_key(request["id"]), 60)
+        pipe.execute()
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- lost workers

@@ -130,6 +130,19 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
 
 
+def check_params(pipe, params: dict[str, Any]) -> dict[str, Any] | None:
+    """What the job's run would refuse in ``params`` (a submit check, ``jobs.answer_checks``): the InvalidParams it
+    raises as an error dict, or None. Anything else is left for the run to report."""
+    names = {f.name for f in dataclasses.fields(GenerationParams)}
+    try:
+        pipe.resolve(GenerationParams(**{k: v for k, v in params.items() if k in names}))
+    except InvalidParams as exc:
+        return describe_error(exc)
+    except Exception:  # noqa: BLE001 - not the request's fault as far as a check can tell
+        log.exception("submit check of %r failed", params)
+    return None
+
+
 def generate_video(job_id: str, model: str, params: dict[str, Any]) -> dict[str, Any]:
     """RQ entry point: run job ``job_id`` on this worker's engine. Returns a short summary for RQ's result."""
     engine = current_engine()

@@ -1,6 +1,6 @@
 """A GPU worker: loads the engine once, then takes jobs from its model's queue one at a time.
 
-It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded) with four changes:
+It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded) with five changes:
 
 - a heartbeat thread refreshes the worker's registration (``workers/registry.py``), RQ's worker and execution
   heartbeats, and looks for jobs of dead workers (``jobs.requeue_abandoned``), every ``SANA_HEARTBEAT_S``;
@@ -8,7 +8,8 @@ It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded
   in-process worker is the job timeout, hours), so a ``kill -9`` is noticed within seconds;
 - retries are for lost workers only: an exception raised by a job is final (it would recur on any worker);
 - an attempt that lost its job (the worker stalled and the job went on elsewhere) leaves RQ's job, shared with the
-  attempt that owns it, untouched.
+  attempt that owns it, untouched;
+- a second thread answers the API's submit checks (``jobs.answer_checks``): the request resolved as the job will be.
 
 Run it with ``sana-video worker --model NAME --device cuda:N`` (or ``python -m workers``). Any number of workers
 on any number of GPUs and hosts may share a queue.
@@ -36,7 +37,7 @@ STUCK_IN_INTERMEDIATE = "Job was stuck in intermediate queue"
 
 
 class GenerationWorker(SimpleWorker):
-    def __init__(self, models: list[str], *, connection, name: str, settings: Settings, info: dict):
+    def __init__(self, models: list[str], *, connection, name: str, settings: Settings, info: dict, check=None):
         super().__init__(
             [jobs.get_queue(connection, m) for m in models],
             name=name,
@@ -54,6 +55,9 @@ class GenerationWorker(SimpleWorker):
         self._running = None  # (rq Job, rq Execution) while a job runs
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        # Submit checks (params -> error dict or None), answered beside the running job.
+        self._check = check
+        self._checker = threading.Thread(target=self._check_loop, name="submit-checks", daemon=True)
 
     # -- RQ hooks ----------------------------------------------------------------------------------------
 
@@ -96,6 +100,8 @@ class GenerationWorker(SimpleWorker):
         super().bootstrap(*args, **kwargs)  # registers the RQ worker
         self.beat()  # now visible to the API as serving its models
         self._thread.start()
+        if self._check is not None:
+            self._checker.start()
 
     def work(self, *args, **kwargs) -> bool:
         try:
@@ -120,6 +126,14 @@ class GenerationWorker(SimpleWorker):
         jobs.requeue_abandoned(self.connection, self.models)
         metrics.LAST_HEARTBEAT.set_to_current_time()
         metrics.GPU_MEMORY.labels(self.info["device"]).set(tasks.gpu_memory_bytes(self.info["device"]))
+
+    def _check_loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                jobs.answer_checks(self.connection, self.models, self._check)
+            except Exception:  # Redis hiccup: the API queues unchecked jobs meanwhile
+                log.exception("submit check failed")
+                self._stopped.wait(1.0)
 
     def _heartbeat_loop(self) -> None:
         while not self._stopped.wait(self.settings.heartbeat_s):
@@ -218,6 +232,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
         "defaults": {k: defaults[k] for k in ("width", "height", "frames", "fps", "steps", "guidance_scale", "mode")},
     }
     r = jobs.connect(settings.redis_url)
-    worker = GenerationWorker(models, connection=r, name=name, settings=settings, info=info)
+    worker = GenerationWorker(models, connection=r, name=name, settings=settings, info=info,
+                              check=lambda params: tasks.check_params(pipe, params))
     log.info("worker %s serving %s", name, ", ".join(models))
     worker.work(burst=burst, logging_level="INFO")
