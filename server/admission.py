@@ -114,15 +114,15 @@ def admit(req: GenerateRequest, r: redis.Redis, settings: Settings) -> tuple[str
         raise LimitExceeded("width", f"{width}x{height} is over this server's pixel limit",
                             f"width*height <= {settings.max_pixels}")
 
-    if workers and settings.submit_check_s > 0:
+    depth = jobs.queue_depth(r, model)
+    if depth >= settings.max_queue:
+        raise QueueFull(model, depth, settings.max_queue)
+
+    if settings.submit_check_s > 0 and any(w.get("checks") for w in workers):
         # What only the model can tell (the prompt's tokens, among others): a live worker resolves the request as
         # the job will. No answer in time: the job is queued and checked when it runs.
         verdict = jobs.ask_worker_to_check(r, model, params, settings.submit_check_s)
         if verdict is not None and not verdict["ok"]:
             error = verdict["error"]
             raise InvalidParams(error.get("field") or "body", error["message"], error.get("accepted") or "")
-
-    depth = jobs.queue_depth(r, model)
-    if depth >= settings.max_queue:
-        raise QueueFull(model, depth, settings.max_queue)
     return model, params

@@ -271,6 +271,14 @@ def test_a_stopped_worker_acts_only_for_its_own_attempt(services, tmp_path, monk
             assert record["status"] == expected and record["attempt"] == 2
             assert partial_path(tmp_path, job_id, 2).exists() == (mine == 1)
             assert getattr(job, "requeue_on_stop", False) == (mine == 2)
+            assert getattr(job, "sana_superseded", False) == (mine == 1)
+        # Stopped before its attempt began (the take done, start_attempt not): the job goes back as never started.
+        job_id = uuid.uuid4().hex
+        r.hset(jobs.job_key(job_id), mapping={"id": job_id, "status": "queued", "attempt": 0})
+        job = types.SimpleNamespace(id=job_id, retries_left=1)
+        jobs.on_job_failure(job, r, SystemExit, SystemExit(), None)
+        assert job.sana_untaken and not getattr(job, "sana_superseded", False)
+        assert jobs.read_job(r, job_id)["status"] == "queued"
     finally:
         r.close()
         get_settings.cache_clear()
@@ -336,6 +344,7 @@ def test_rq_maintenance_runs_a_job_stuck_after_its_take_instead_of_failing_it(se
         worker = GenerationWorker([model], connection=r, name=f"w-{job_id[:6]}", settings=get_settings(), info={})
         job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
         worker.handle_job_failure(job, queue, exc_string=STUCK_IN_INTERMEDIATE + ".")
+        queue.intermediate_queue.remove(job_id)  # what RQ's pass does next
         assert r.lrange(queue.key, 0, -1) == [job_id.encode()] and r.llen(queue.intermediate_queue_key) == 0
         job = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
         assert job.get_status() == "queued" and job.retries_left == jobs.RETRIES_ON_WORKER_LOSS
@@ -347,6 +356,7 @@ def test_rq_maintenance_runs_a_job_stuck_after_its_take_instead_of_failing_it(se
         r.lrem(queue.key, 1, other)
         r.rpush(queue.intermediate_queue_key, other)
         assert jobs.request_cancel(r, other, get_settings()) == "cancelled"
+        assert not jobs.push_back(r, queue, other)
         assert not jobs.return_to_queue(r, queue, other)
         assert r.llen(queue.intermediate_queue_key) == 0 and r.lrange(queue.key, 0, -1) == [job_id.encode()]
     finally:

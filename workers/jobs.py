@@ -360,12 +360,12 @@ def ask_worker_to_check(r: redis.Redis, model: str, params: dict[str, Any], time
     import uuid
 
     request_id = uuid.uuid4().hex
-    request = json.dumps({"id": request_id, "params": params, "deadline": time.time() + timeout_s})
+    request = json.dumps({"id": request_id, "params": params})
     with r.pipeline() as pipe:
         pipe.rpush(check_requests_key(model), request)
         pipe.expire(check_requests_key(model), max(1, math.ceil(timeout_s)) + 1)
         pipe.execute()
-    answer = r.blpop([check_answer_key(request_id)], timeout=timeout_s)
+    answer = r.blpop([check_answer_key(request_id)], timeout=timeout_s)  # a late answer expires unread
     return None if answer is None else json.loads(answer[1])
 
 
@@ -376,8 +376,6 @@ def answer_checks(r: redis.Redis, models: list[str], check, wait_s: float = 1.0)
     if got is None:
         return False
     request = json.loads(got[1])
-    if request["deadline"] < time.time():
-        return True  # its submission has gone on without an answer
     error = check(request["params"])
     answer = {"ok": error is None} if error is None else {"ok": False, "error": error}
     with r.pipeline() as pipe:
@@ -412,10 +410,18 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
         return
     worker = record.get("worker", "?")
     attempt = record.get("attempt", 0)
+    mine = getattr(job, "sana_attempt", None)
+    if stopped and mine is None:  # stopped before this worker's attempt began
+        if record["status"] == JobStatus.QUEUED:
+            job.sana_untaken = True  # the worker puts it back on its queue, as a job it never started
+            return
+        if record["status"] == JobStatus.RUNNING and record.get("worker") == getattr(job, "worker_name", None):
+            mine = attempt  # stopped inside start_attempt: the attempt is this worker's
     # A stopped worker acts only for its own attempt: one that had stalled and lost the job must leave the attempt
-    # that runs it now alone.
-    if stopped and (record["status"] != JobStatus.RUNNING or getattr(job, "sana_attempt", None) != attempt):
-        job.sana_superseded = True  # the worker leaves RQ's job (shared with that attempt) as it is
+    # that runs it now (or the queue that holds it) alone.
+    if stopped and (record["status"] != JobStatus.RUNNING or mine != attempt):
+        if mine is not None and (mine != attempt or record["status"] == JobStatus.QUEUED):
+            job.sana_superseded = True  # the worker leaves RQ's job (shared with that attempt) as it is
         return
     what = "was stopped" if stopped else "stopped responding"
     if job.retries_left and job.retries_left > 0:
@@ -472,6 +478,25 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
+
+
+# KEYS[1] the record, KEYS[2] the queue; ARGV[1] the job id. To the head of the queue while the record says queued.
+_PUSH_BACK = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def push_back(r: redis.Redis, queue: Queue, job_id: str) -> bool:
+    """Put a job that a worker took but never started back at the head of ``queue`` if its record still says queued
+    (the worker's handling, which leaves the intermediate list to RQ: its own removal follows). True when it went
+    back."""
+    moved = bool(r.eval(_PUSH_BACK, 2, job_key(job_id), queue.key, job_id))
+    if moved:
+        logging.getLogger("sana.jobs").warning("job %s: taken by a worker that never started it; back on the queue",
+                                               job_id)
+    return moved
 
 
 def untaken_key(job_id: str) -> str:

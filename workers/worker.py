@@ -72,17 +72,22 @@ class GenerationWorker(SimpleWorker):
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="", execution=None):
         if getattr(job, "sana_superseded", False):
             return self._leave_to_owner(job, execution)
-        if exc_string.startswith(STUCK_IN_INTERMEDIATE) and jobs.return_to_queue(self.connection, queue, job.id):
-            return  # RQ's maintenance found a job taken by a worker that never started it: it runs, not fails
+        # A job taken but never started (this worker was stopped before its attempt began; or RQ's maintenance
+        # found it left in the intermediate list by another): it runs, it does not fail.
+        untaken = getattr(job, "sana_untaken", False) or exc_string.startswith(STUCK_IN_INTERMEDIATE)
+        if untaken and jobs.push_back(self.connection, queue, job.id):
+            return self._leave_to_owner(job, execution)
         if not getattr(job, "requeue_on_stop", False):  # set by on_job_failure for a worker stopped mid-job
             job.retries_left = 0  # retries are for lost or stopped workers only
         return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def _leave_to_owner(self, job, execution) -> None:
-        """An attempt that lost its job (this worker was taken for lost and the job re-queued) ends here: only its
-        execution goes. RQ's job hash is shared with the attempt that owns the job now; writing this attempt's
-        outcome over it (finished, or failed, and its stale retries left) would hide a later death of the owner from
-        the lost-worker check, or retry the job twice."""
+        """An attempt that lost its job (this worker was taken for lost and the job re-queued), or a take that never
+        became one, ends here: only its execution goes. RQ's job hash is shared with the attempt that owns the job
+        now (or will); writing this attempt's outcome over it (finished, or failed, and its stale retries left)
+        would hide a later death of the owner from the lost-worker check, or retry the job twice."""
+        if execution is None:
+            return
         with self.connection.pipeline() as pipe:
             self.cleanup_execution(job, pipeline=pipe, execution=execution)
             pipe.execute()
@@ -230,6 +235,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
         "causal": bool(pipe.causal),
         "limits": pipe.limits(),
         "defaults": {k: defaults[k] for k in ("width", "height", "frames", "fps", "steps", "guidance_scale", "mode")},
+        "checks": True,  # answers the API's submit checks (jobs.answer_checks)
     }
     r = jobs.connect(settings.redis_url)
     worker = GenerationWorker(models, connection=r, name=name, settings=settings, info=info,
