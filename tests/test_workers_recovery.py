@@ -53,6 +53,27 @@ def worker_pid(stack, job_id: str) -> int:
         client.close()
 
 
+def stall_until_taken_over(stack, services, frames: int, seed: int):
+    """Start two more workers, submit a stream, pause (SIGSTOP) the worker of its first attempt until another worker
+    runs attempt 2, then let it go on: (job id, the stalled worker, the one running attempt 2)."""
+    import os
+    import signal
+
+    fresh = [services.worker(MODEL, wait=False) for _ in range(2)]
+    for w in fresh:
+        services.wait_worker(w)
+    stack.workers.extend(fresh)
+    job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": frames, "seed": seed}).json()["id"]
+    first, _ = worker_running(stack, job_id, attempt=1, chunks=2)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second, _ = worker_running(stack, job_id, attempt=2)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)  # back while attempt 2 runs
+    assert second is not first
+    return job_id, first, second
+
+
 def test_killed_worker_job_is_requeued_and_finishes_elsewhere(stack, services):
     job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": 129, "seed": 11}).json()["id"]
     viewed: list = []
@@ -113,24 +134,10 @@ def test_a_stalled_worker_that_comes_back_leaves_the_job_to_the_next_attempt(sta
     """A worker that stops heartbeating is taken for lost, but it may only have stalled (paused VM, network cut).
     When it comes back while the re-queued attempt runs elsewhere, it stops without touching the job's record, chunk
     table, stream or files: the job finishes whole, from the second attempt alone."""
-    import os
-    import signal
-
     import redis as redis_lib
     from workers import jobs
 
-    fresh = [services.worker(MODEL, wait=False) for _ in range(2)]
-    for w in fresh:
-        services.wait_worker(w)
-    stack.workers.extend(fresh)
-    job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": 401, "seed": 13}).json()["id"]
-    first, _ = worker_running(stack, job_id, attempt=1, chunks=2)
-    os.kill(first.pid, signal.SIGSTOP)
-    try:
-        second, _ = worker_running(stack, job_id, attempt=2)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)  # back while attempt 2 runs
-    assert second is not first
+    job_id, first, second = stall_until_taken_over(stack, services, frames=401, seed=13)
 
     job = wait_job(stack.client, job_id, timeout=180)
     assert job["status"] == "succeeded" and job["attempt"] == 2, job
@@ -151,23 +158,10 @@ def test_a_stalled_worker_that_came_back_leaves_the_owner_lost_worker_detection(
     its worker dying fails the job at attempt 2. (The stalled attempt used to finish RQ's shared job as done, with
     its stale retry count: the owner's death then went unnoticed, the record "running" for good, or the job ran a
     third time.)"""
-    import os
-    import signal
-
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    fresh = [services.worker(MODEL, wait=False) for _ in range(2)]
-    for w in fresh:
-        services.wait_worker(w)
-    stack.workers.extend(fresh)
-    job_id = stack.client.post("/generate", json={"prompt": "a ball", "frames": 801, "seed": 15}).json()["id"]
-    first, _ = worker_running(stack, job_id, attempt=1, chunks=2)
-    os.kill(first.pid, signal.SIGSTOP)
-    try:
-        second, _ = worker_running(stack, job_id, attempt=2)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
+    job_id, first, second = stall_until_taken_over(stack, services, frames=801, seed=15)
     wait_until(lambda: "stopped: attempt 1" in first.log(), 60, what="the stalled attempt to stop")
     client = services.redis.client()
     try:
