@@ -342,7 +342,8 @@ def _remove_from_queue(r: redis.Redis, job_id: str) -> None:
 #
 # The API cannot tell alone whether a request fits the model (a prompt's tokens need the model's tokenizer): it asks
 # a live worker of the model, which resolves the parameters as it would for the job. Requests go on a list per model
-# and expire with their deadline; the answer comes back on a key of the request's own.
+# that expires soon after the last one (unanswered requests do not pile up); the answer comes back on a key of the
+# request's own, which expires too (an answer that came too late is never read).
 
 
 def check_requests_key(model: str) -> str:
