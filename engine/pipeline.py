@@ -536,19 +536,21 @@ class DecodeQueue:
 
 def _same_kind(field: dataclasses.Field, default, value) -> bool:
     """Whether a ``sana_video.json`` value can stand where the preset has ``default`` (JSON has no tuples)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     if value is None:
         return "None" in str(field.type)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
+        return number(value) and isinstance(value, int)
     if isinstance(default, float):
-        return number
+        return number(value)
     if isinstance(default, str):
         return isinstance(value, str)
     if isinstance(default, tuple):
-        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return isinstance(value, list) and all(map(number, value))
     return True  # None defaults (component configs): checked where they are used
 
 

@@ -351,7 +351,7 @@ def test_rq_maintenance_runs_a_job_stuck_after_its_take_instead_of_failing_it(se
         r.rpush(queue.intermediate_queue_key, other)
         assert jobs.request_cancel(r, other, get_settings()) == "cancelled"
         assert not jobs.push_back(r, queue, other)
-        assert not jobs.return_to_queue(r, queue, other)
+        assert not jobs.push_back(r, queue, other, from_intermediate=True)
         assert r.llen(queue.intermediate_queue_key) == 0 and r.lrange(queue.key, 0, -1) == [job_id.encode()]
     finally:
         r.close()

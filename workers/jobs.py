@@ -470,30 +470,28 @@ def requeue_abandoned(r: redis.Redis, models: list[str]) -> None:
             queue.release_maintenance_lock()
 
 
-# KEYS[1] the queue's intermediate list, KEYS[2] the queue; ARGV[1] the job id. Back to the head of the queue (it was
-# the oldest job there), once: 1 when it moved.
-_RETURN_TO_QUEUE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
-
-
-# KEYS[1] the record, KEYS[2] the queue; ARGV[1] the job id. To the head of the queue while the record says queued.
+# KEYS[1] the record, KEYS[2] the queue, KEYS[3] its intermediate list; ARGV[1] the job id, ARGV[2] '1' to take the
+# id out of the intermediate list too. To the head of the queue (it was the oldest job there) while the record says
+# queued: 1 when it went back. A record that says otherwise only leaves the intermediate list.
 _PUSH_BACK = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local take = ARGV[2] == '1'
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then
+  if take then redis.call('LREM', KEYS[3], 1, ARGV[1]) end
+  return 0
+end
+if take and redis.call('LREM', KEYS[3], 1, ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[1])
 return 1
 """
 
 
-def push_back(r: redis.Redis, queue: Queue, job_id: str) -> bool:
-    """Put a job that a worker took but never started back at the head of ``queue`` if its record still says queued
-    (the worker's handling, which leaves the intermediate list to RQ: its own removal follows). True when it went
-    back."""
-    moved = bool(r.eval(_PUSH_BACK, 2, job_key(job_id), queue.key, job_id))
+def push_back(r: redis.Redis, queue: Queue, job_id: str, from_intermediate: bool = False) -> bool:
+    """Put a job that a worker took off ``queue`` but never started back at the head of the queue, if its record
+    still says queued (a cancelled or expired one is not run). ``from_intermediate`` also takes the id out of RQ's
+    intermediate list (our own pass); RQ's maintenance removes it itself right after handle_job_failure, so the
+    worker's handling leaves the list alone. True when the job went back."""
+    moved = bool(r.eval(_PUSH_BACK, 3, job_key(job_id), queue.key, queue.intermediate_queue_key, job_id,
+                        "1" if from_intermediate else "0"))
     if moved:
         logging.getLogger("sana.jobs").warning("job %s: taken by a worker that never started it; back on the queue",
                                                job_id)
@@ -503,20 +501,6 @@ def push_back(r: redis.Redis, queue: Queue, job_id: str) -> bool:
 def untaken_key(job_id: str) -> str:
     """When a job id was first seen in its queue's intermediate list without a start (``requeue_untaken``)."""
     return f"sana:job:{job_id}:untaken"
-
-
-def return_to_queue(r: redis.Redis, queue: Queue, job_id: str) -> bool:
-    """Move a job that a worker took off ``queue`` but never started back to the head of the queue, if its record
-    is still queued (a cancelled or expired one only leaves the intermediate list). True when it went back."""
-    r.delete(untaken_key(job_id))
-    if r.hget(job_key(job_id), "status") != JobStatus.QUEUED.encode():
-        r.lrem(queue.intermediate_queue_key, 1, job_id)
-        return False
-    moved = bool(r.eval(_RETURN_TO_QUEUE, 2, queue.intermediate_queue_key, queue.key, job_id))
-    if moved:
-        logging.getLogger("sana.jobs").warning("job %s: taken off its queue by a worker that never started it; "
-                                               "back on the queue", job_id)
-    return moved
 
 
 def requeue_untaken(r: redis.Redis, queue: Queue, settings: Settings | None = None) -> list[str]:
@@ -538,7 +522,9 @@ def requeue_untaken(r: redis.Redis, queue: Queue, settings: Settings | None = No
         # count when the job comes back here much later.
         if r.set(untaken_key(job_id), now, nx=True, ex=3 * settings.heartbeat_ttl_s):
             continue  # first seen now
-        if now - float(r.get(untaken_key(job_id)) or now) >= settings.heartbeat_ttl_s \
-                and return_to_queue(r, queue, job_id):
+        if now - float(r.get(untaken_key(job_id)) or now) < settings.heartbeat_ttl_s:
+            continue
+        r.delete(untaken_key(job_id))
+        if push_back(r, queue, job_id, from_intermediate=True):
             back.append(job_id)
     return back

@@ -130,12 +130,18 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
 
 
+def resolve_params(pipe, raw_params: dict[str, Any]) -> GenerationParams:
+    """A job's parameters (plain JSON; keys that are not GenerationParams fields ignored) resolved by ``pipe``;
+    raises InvalidParams."""
+    names = {f.name for f in dataclasses.fields(GenerationParams)}
+    return pipe.resolve(GenerationParams(**{k: v for k, v in raw_params.items() if k in names}))
+
+
 def check_params(pipe, params: dict[str, Any]) -> dict[str, Any] | None:
     """What the job's run would refuse in ``params`` (a submit check, ``jobs.answer_checks``): the InvalidParams it
     raises as an error dict, or None. Anything else is left for the run to report."""
-    names = {f.name for f in dataclasses.fields(GenerationParams)}
     try:
-        pipe.resolve(GenerationParams(**{k: v for k, v in params.items() if k in names}))
+        resolve_params(pipe, params)
     except InvalidParams as exc:
         return describe_error(exc)
     except Exception:  # noqa: BLE001 - not the request's fault as far as a check can tell
@@ -247,8 +253,7 @@ class JobRun:
     def _run(self, raw_params: dict[str, Any], t0: float) -> dict[str, Any]:
         from engine.video import FragmentedMP4Encoder
 
-        names = {f.name for f in dataclasses.fields(GenerationParams)}
-        params = self.pipe.resolve(GenerationParams(**{k: v for k, v in raw_params.items() if k in names}))
+        params = resolve_params(self.pipe, raw_params)
         plan = self.pipe.plan(params)
         self.mode = params.mode or self.mode
         jobs.write_as_attempt(self.r, self.job_id, self.attempt, lambda pipe: pipe.hset(
