@@ -356,3 +356,35 @@ def test_rq_maintenance_runs_a_job_stuck_after_its_take_instead_of_failing_it(se
     finally:
         r.close()
         get_settings.cache_clear()
+
+
+def test_an_id_that_left_the_intermediate_list_and_came_back_is_seen_afresh(services, monkeypatch):
+    """A job taken and started, then re-queued (its worker died) and taken again, is not counted as waiting since
+    its first take: it stays with the worker that took it (it once ran a third time)."""
+    import time
+    import uuid
+
+    import redis as redis_lib
+    from server.settings import get_settings
+    from workers import jobs
+
+    monkeypatch.setenv("SANA_HEARTBEAT_S", "0.5")  # a heartbeat TTL of 2 s
+    get_settings.cache_clear()
+    r = redis_lib.Redis.from_url(services.redis.url)
+    try:
+        model = f"back-{uuid.uuid4().hex[:8]}"
+        job_id = uuid.uuid4().hex
+        jobs.submit_job(r, job_id=job_id, model=model, params={"prompt": "a ball"}, owner="", settings=get_settings())
+        queue = jobs.get_queue(r, model)
+        r.lmove(queue.key, queue.intermediate_queue_key)  # taken; a pass sees it before its start
+        assert jobs.requeue_untaken(r, queue) == []
+        r.lrem(queue.intermediate_queue_key, 1, job_id)  # started (it left the list); a pass sees it gone
+        assert jobs.requeue_untaken(r, queue) == []
+        time.sleep(2.2)
+        r.rpush(queue.intermediate_queue_key, job_id)  # re-queued later and taken again, not started yet
+        assert jobs.requeue_untaken(r, queue) == [] and r.llen(queue.key) == 0
+        time.sleep(2.2)  # now it has waited a heartbeat TTL unstarted: back on the queue
+        assert jobs.requeue_untaken(r, queue) == [job_id] and r.lrange(queue.key, 0, -1) == [job_id.encode()]
+    finally:
+        r.close()
+        get_settings.cache_clear()

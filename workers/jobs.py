@@ -498,9 +498,9 @@ def push_back(r: redis.Redis, queue: Queue, job_id: str, from_intermediate: bool
     return moved
 
 
-def untaken_key(job_id: str) -> str:
-    """When a job id was first seen in its queue's intermediate list without a start (``requeue_untaken``)."""
-    return f"sana:job:{job_id}:untaken"
+def untaken_key(queue: Queue) -> str:
+    """Hash of the ids in ``queue``'s intermediate list without a start, and when a pass first saw each there."""
+    return f"sana:untaken:{queue.name}"
 
 
 def requeue_untaken(r: redis.Redis, queue: Queue, settings: Settings | None = None) -> list[str]:
@@ -512,19 +512,24 @@ def requeue_untaken(r: redis.Redis, queue: Queue, settings: Settings | None = No
     for longer than a worker's heartbeat TTL goes back to the head of the queue.
     """
     settings = settings or get_settings()
+    key = untaken_key(queue)
+    waiting = [raw.decode() for raw in r.lrange(queue.intermediate_queue_key, 0, -1)]
+    waiting = [job_id for job_id in waiting if job_id not in queue.started_job_registry]
+    seen = {k.decode(): float(v) for k, v in r.hgetall(key).items()}
+    # A mark lasts only while the id stays there unstarted: one that left (started, or taken back) and came back
+    # later (re-queued after its worker died, and taken again) is seen afresh, not counted from its first take.
+    gone = set(seen) - set(waiting)
+    if gone:
+        r.hdel(key, *gone)
+    now = time.time()
     back = []
-    for raw in r.lrange(queue.intermediate_queue_key, 0, -1):
-        job_id = raw.decode()
-        if job_id in queue.started_job_registry:
-            continue  # started: the started registry's cleanup watches it
-        now = time.time()
-        # The mark expires: one left by a pass that saw a job in the moment between its take and its start must not
-        # count when the job comes back here much later.
-        if r.set(untaken_key(job_id), now, nx=True, ex=3 * settings.heartbeat_ttl_s):
-            continue  # first seen now
-        if now - float(r.get(untaken_key(job_id)) or now) < settings.heartbeat_ttl_s:
-            continue
-        r.delete(untaken_key(job_id))
-        if push_back(r, queue, job_id, from_intermediate=True):
-            back.append(job_id)
+    for job_id in waiting:
+        if job_id not in seen:
+            r.hset(key, job_id, now)
+        elif now - seen[job_id] >= settings.heartbeat_ttl_s:
+            r.hdel(key, job_id)
+            if push_back(r, queue, job_id, from_intermediate=True):
+                back.append(job_id)
+    if waiting:
+        r.expire(key, 24 * 3600)
     return back
