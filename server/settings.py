@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         """Seconds after the last heartbeat at which a worker (and its running job) counts as lost."""
         return max(2, round(3 * self.heartbeat_s))
 
+    @property
+    def maintenance_lock_s(self) -> int:
+        """Expiry of a queue's maintenance lock: a process killed while cleaning the queue (re-queueing the jobs of
+        lost workers) holds off the others' passes this long at most."""
+        return max(10, 2 * self.heartbeat_ttl_s)
+
 
 @lru_cache
 def get_settings() -> Settings:

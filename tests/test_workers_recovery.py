@@ -358,19 +358,22 @@ def test_rq_maintenance_runs_a_job_stuck_after_its_take_instead_of_failing_it(se
         get_settings.cache_clear()
 
 
-def test_an_id_that_left_the_intermediate_list_and_came_back_is_seen_afresh(services, monkeypatch):
+def test_an_id_that_left_the_intermediate_list_and_came_back_is_seen_afresh(tmp_path, monkeypatch):
     """A job taken and started, then re-queued (its worker died) and taken again, is not counted as waiting since
     its first take: it stays with the worker that took it (it once ran a third time)."""
     import time
     import uuid
 
-    import redis as redis_lib
+    from conftest import RedisServer
     from server.settings import get_settings
     from workers import jobs
 
     monkeypatch.setenv("SANA_HEARTBEAT_S", "0.5")  # a heartbeat TTL of 2 s
     get_settings.cache_clear()
-    r = redis_lib.Redis.from_url(services.redis.url)
+    # A Redis of its own: the module's API and workers pass over every queue with the same TTL, and would put the
+    # id back before this test's own pass does.
+    server = RedisServer(tmp_path / "redis")
+    r = server.client()
     try:
         model = f"back-{uuid.uuid4().hex[:8]}"
         job_id = uuid.uuid4().hex
@@ -387,4 +390,41 @@ def test_an_id_that_left_the_intermediate_list_and_came_back_is_seen_afresh(serv
         assert jobs.requeue_untaken(r, queue) == [job_id] and r.lrange(queue.key, 0, -1) == [job_id.encode()]
     finally:
         r.close()
+        server.stop()
+        get_settings.cache_clear()
+
+
+def test_a_queue_maintenance_lock_is_short_and_only_its_holder_releases_it(tmp_path, monkeypatch):
+    """RQ's registry cleaning and the lost-worker pass share one lock per queue. A worker that dies holding it
+    (killed while cleaning) holds off the other processes' passes for Settings.maintenance_lock_s, not RQ's 15
+    minutes; a holder whose lock expired and was taken by another leaves the new holder's lock alone."""
+    import threading
+    import uuid
+
+    from conftest import RedisServer
+    from server.settings import get_settings
+    from workers import jobs
+    from workers.worker import GenerationWorker
+
+    monkeypatch.setenv("SANA_HEARTBEAT_S", "0.5")
+    get_settings.cache_clear()
+    server = RedisServer(tmp_path / "redis")
+    r = server.client()
+    try:
+        model = f"lock-{uuid.uuid4().hex[:8]}"
+        worker = GenerationWorker([model], connection=r, name=f"w-{model}", settings=get_settings(), info={})
+        queue = worker.queues[0]  # the queues RQ's own cleaning locks
+        assert queue.acquire_maintenance_lock()
+        assert 0 < r.ttl(queue.registry_cleaning_key) <= get_settings().maintenance_lock_s == 10
+        assert not jobs.get_queue(r, model).acquire_maintenance_lock()  # one cleaner at a time
+
+        other = threading.Thread(target=queue.release_maintenance_lock)  # not the holder
+        other.start()
+        other.join()
+        assert r.exists(queue.registry_cleaning_key)
+        queue.release_maintenance_lock()
+        assert not r.exists(queue.registry_cleaning_key)
+    finally:
+        r.close()
+        server.stop()
         get_settings.cache_clear()

@@ -20,7 +20,10 @@ import functools
 import json
 import logging
 import math
+import os
 import re
+import socket
+import threading
 import time
 from enum import StrEnum
 from typing import Any
@@ -94,10 +97,35 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
+# KEYS[1] the lock, ARGV[1] its holder: deleted only by the holder (an expired lock may have been taken since).
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ModelQueue(Queue):
+    """A model's RQ queue. Its maintenance lock, which RQ's own registry cleaning and our lost-worker pass share
+    (two cleaners could re-queue a job twice), expires after ``Settings.maintenance_lock_s`` instead of RQ's 15
+    minutes, and is released only by the thread that holds it: a worker killed while cleaning pauses the detection
+    of lost workers on this queue for seconds, not a quarter of an hour."""
+
+    @staticmethod
+    def _holder() -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+    def acquire_maintenance_lock(self) -> bool:
+        return bool(self.connection.set(self.registry_cleaning_key, self._holder(), nx=True,
+                                        ex=get_settings().maintenance_lock_s))
+
+    def release_maintenance_lock(self) -> None:
+        self.connection.eval(_RELEASE_LOCK, 1, self.registry_cleaning_key, self._holder())
+
+
 @functools.lru_cache(maxsize=256)
-def get_queue(r: redis.Redis, model: str) -> Queue:
+def get_queue(r: redis.Redis, model: str) -> ModelQueue:
     """The model's RQ queue on client ``r`` (cached: a Queue remembers the server's version, one round trip)."""
-    return Queue(queue_name(model), connection=r, serializer=JSONSerializer)
+    return ModelQueue(queue_name(model), connection=r, serializer=JSONSerializer)
 
 
 def queued_models(r: redis.Redis) -> list[str]:
@@ -459,9 +487,7 @@ def requeue_abandoned(r: redis.Redis, models: list[str]) -> None:
     """
     for model in models:
         queue = get_queue(r, model)
-        # RQ's own maintenance holds this key for 15 minutes; ours expires within a minute should this process
-        # die while holding it, so a kill -9 here does not pause lost-worker detection.
-        if not r.set(queue.registry_cleaning_key, 1, nx=True, ex=60):
+        if not queue.acquire_maintenance_lock():
             continue
         try:
             StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()

@@ -43,6 +43,7 @@ class GenerationWorker(SimpleWorker):
             name=name,
             connection=connection,
             serializer=JSONSerializer,
+            queue_class=jobs.ModelQueue,
             # RQ blocks on the queue for worker_ttl - 15 s between its own maintenance passes; ours run in the
             # heartbeat thread, so a short block only keeps shutdown snappy.
             worker_ttl=20,
@@ -113,6 +114,10 @@ class GenerationWorker(SimpleWorker):
             return super().work(*args, **kwargs)
         finally:
             self._stopped.set()
+            # A heartbeat in the middle of its lost-worker pass holds the queue's maintenance lock: let it finish
+            # and release it (a daemon thread would die holding it, and hold off the other processes' passes).
+            if self._thread.is_alive():
+                self._thread.join(timeout=2 * self.settings.heartbeat_ttl_s)
             unregister_worker(self.connection, self.name)
 
     # -- heartbeat ---------------------------------------------------------------------------------------
