@@ -201,6 +201,7 @@ class VideoPipeline:
         sched = default_scheduler_config(preset)
         if (folder / "scheduler" / "scheduler_config.json").exists():
             sched = read_json(folder / "scheduler" / "scheduler_config.json")
+            _check_scheduler(folder / "scheduler" / "scheduler_config.json", sched)
         text = TextEncoder(tokenizer, encoder, preset.max_sequence_length, preset.use_instruction)
         return cls._assemble(name, preset, transformer, vae, text, sched, dev, dtype)
 
@@ -398,15 +399,12 @@ class VideoPipeline:
 
     @torch.inference_mode()
     def _generate_clip(self, params, on_progress, should_cancel) -> Iterator[VideoChunk]:
-        from diffusers import DPMSolverMultistepScheduler
-
         cfg = params.guidance_scale > 1.0
         emb, mask = self._encode_prompt(params, cfg)
         gen = torch.Generator("cpu").manual_seed(params.seed)
         total_latent = latent_frames(params.frames)
         latents = self._noise(gen, self._latent_shape(params, total_latent))
-        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-        scheduler = DPMSolverMultistepScheduler.from_config(config)
+        scheduler = _scheduler(self.scheduler_config)
         scheduler.set_timesteps(params.steps, device=self.device)
         # The timesteps' values read once: float() of a GPU tensor every step would wait for the step before it.
         for i, (t, t_value) in enumerate(zip(scheduler.timesteps, scheduler.timesteps.tolist())):
@@ -561,6 +559,23 @@ def _component_class(folder: Path, component: str) -> str | None:
         return None
     entry = read_json(index).get(component)
     return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+
+
+def _scheduler(config: dict):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def _check_scheduler(path: Path, config: dict) -> None:
+    """A checkpoint's scheduler must be one we sample with, and buildable: at load, not at a job's first step."""
+    name = config.get("_class_name", "DPMSolverMultistepScheduler")
+    if name != "DPMSolverMultistepScheduler":
+        raise CheckpointError(f"{path}: _class_name is {name!r} (accepted: 'DPMSolverMultistepScheduler')")
+    try:
+        _scheduler(config)
+    except Exception as exc:  # diffusers' own check: NotImplementedError for an unknown algorithm_type, ...
+        raise CheckpointError(f"{path}: cannot build the scheduler ({type(exc).__name__}: {exc})") from exc
 
 
 def default_scheduler_config(preset: ModelPreset) -> dict:

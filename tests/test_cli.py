@@ -122,6 +122,12 @@ def _vae_with_other_latents(folder: Path) -> None:
     (lambda f: (f / "transformer" / "config.json").write_text(
         (f / "transformer" / "config.json").read_text().replace('"num_layers": 2', '"num_layers": "two"')),
      "cannot build the transformer"),
+    (lambda f: (f / "scheduler" / "scheduler_config.json").write_text(
+        (f / "scheduler" / "scheduler_config.json").read_text().replace('"dpmsolver++"', '"dpmsolver3"')),
+     "cannot build the scheduler (NotImplementedError: dpmsolver3"),
+    (lambda f: (f / "scheduler" / "scheduler_config.json").write_text(
+        (f / "scheduler" / "scheduler_config.json").read_text().replace("DPMSolverMultistepScheduler", "UniPC")),
+     "_class_name is 'UniPC' (accepted: 'DPMSolverMultistepScheduler')"),
     (lambda f: (f / "sana_video.json").write_text('{"stream_timesteps": 5}'), "stream_timesteps is 5"),
     (lambda f: (f / "sana_video.json").write_text('{"height": "64"}'), "height is '64'"),
 ])
