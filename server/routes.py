@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from server import metrics
 from engine.errors import InvalidParams
 from server.admission import LimitExceeded, admit, preset_capabilities, served_model_names
+from server.forms import FormAsJsonRoute, form_body
 from server.deps import MediaOwnerDep, OwnerDep, RedisDep, SettingsDep, owned_record
 from server.schemas import (
     ErrorBody,
@@ -179,9 +180,10 @@ def video_object(record: dict[str, Any], settings: Settings) -> VideoObject:
     )
 
 
-@router.post("/v1/videos", response_model=VideoObject, status_code=202, tags=["openai"],
-             responses={**_AUTH, **_LIMITS})
 def create_video(req: VideoCreateRequest, r: RedisDep, settings: SettingsDep, owner: OwnerDep) -> VideoObject:
+    """Queue a video, as OpenAI's API does: a JSON body, or the multipart form that OpenAI's SDK sends
+    (``client.videos.create(model=..., prompt=..., seconds="4", size="832x480")``; /generate's other fields go in
+    ``extra_body``). Reference images (``input_reference``) are refused: text to video only."""
     model = canonical_model(req.model) if req.model else canonical_model(settings.model)
     workers = served_models(r).get(model, [])
     default_fps = (workers[0].get("defaults", {}).get("fps") if workers else None) or 16
@@ -190,6 +192,11 @@ def create_video(req: VideoCreateRequest, r: RedisDep, settings: SettingsDep, ow
     except (InvalidParams, LimitExceeded) as exc:
         raise _in_request_terms(exc, req, req.fps or default_fps) from exc
     return video_object(jobs.read_job(r, job_id), settings)
+
+
+router.add_api_route("/v1/videos", create_video, methods=["POST"], response_model=VideoObject, status_code=202,
+                     tags=["openai"], responses={**_AUTH, **_LIMITS}, openapi_extra=form_body(VideoCreateRequest),
+                     route_class_override=FormAsJsonRoute)
 
 
 def _in_request_terms(exc: InvalidParams | LimitExceeded, req: VideoCreateRequest, fps: int):

@@ -128,22 +128,39 @@ def test_python_client_reports_a_rejected_request(stack, tmp_path):
     assert not out.exists() and not out.with_name("bad.mp4.part").exists()
 
 
-def readme_snippet(language: str) -> str:
+def readme_snippet(language: str, holding: str) -> str:
+    """The deployment section's one ``language`` block that holds ``holding``."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("<!-- deploy:start -->"):text.index("<!-- deploy:end -->")]
-    (snippet,) = re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    (snippet,) = [s for s in re.findall(rf"```{language}\n(.*?)```", section, flags=re.S) if holding in s]
     return snippet
 
 
-def test_readme_python_snippet_streams_a_video(stack, tmp_path):
-    snippet = readme_snippet("python")
-    assert 'SERVER = "http://localhost:8000"' in snippet
+def run_snippet(snippet: str, tmp_path) -> subprocess.CompletedProcess:
     script = tmp_path / "snippet.py"
-    script.write_text(snippet.replace('SERVER = "http://localhost:8000"', f'SERVER = "{stack.api}"'))
+    script.write_text(snippet)
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_readme_python_snippet_streams_a_video(stack, tmp_path):
+    snippet = readme_snippet("python", "websockets")
+    assert 'SERVER = "http://localhost:8000"' in snippet
+    proc = run_snippet(snippet.replace('SERVER = "http://localhost:8000"', f'SERVER = "{stack.api}"'), tmp_path)
     assert proc.stdout.strip().endswith("done succeeded")
     assert len(decode_mp4(tmp_path / "fox.mp4")) == 33  # the model's default length
+
+
+def test_readme_openai_sdk_snippet_makes_a_video(stack, tmp_path):
+    """OpenAI's SDK against the API as its image runs it (python-multipart parses the SDK's form)."""
+    snippet = readme_snippet("python", "from openai import OpenAI")
+    for old, new in (('"http://localhost:8000/v1"', f'"{stack.api}/v1"'), ('"sana-video-480p"', f'"{MODEL}"'),
+                     ('seconds="5"', 'seconds="2"'), ('size="832x480"', 'size="64x64"')):
+        assert old in snippet
+        snippet = snippet.replace(old, new)
+    run_snippet("import warnings\nwarnings.simplefilter('ignore', DeprecationWarning)\n" + snippet, tmp_path)
+    assert len(decode_mp4(tmp_path / "fox.mp4")) == 33  # 4k+1 nearest 2 s x 16 fps
 
 
 def node_websocket_command() -> list[str]:

@@ -429,6 +429,48 @@ def test_openai_style_aliases(stack):
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "size"
 
 
+def test_openai_sdk_makes_and_downloads_a_video(stack):
+    """OpenAI's own client: videos.create posts a multipart form (its values all text), retrieve polls, and
+    download_content fetches the MP4. /generate's fields ride in extra_body; a reference image is refused."""
+    import warnings
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks its videos API as OpenAI's own, ending
+        video = client.videos.create(prompt="a blue square", seconds="1", size="64x32", model="tiny",
+                                     extra_body={"steps": 2, "seed": 7, "guidance_scale": 1.5})
+        assert video.status in ("queued", "in_progress", "completed") and video.size == "64x32"
+        done = wait_until(lambda: (v := client.videos.retrieve(video.id)).status in ("completed", "failed") and v,
+                          120, what="the video to complete")
+        assert done.status == "completed" and done.progress == 100, done
+        assert len(decode_mp4(client.videos.download_content(video.id).read())) == 17
+        params = stack.client.get(f"/jobs/{video.id}").json()["params"]
+        assert (params["steps"], params["seed"], params["guidance_scale"], params["width"]) == (2, 7, 1.5, 64)
+
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            client.videos.create(prompt="a cat", input_reference=("cat.png", b"\x89PNG", "image/png"))
+        assert refused.value.body["detail"][0]["field"] == "input_reference"
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            client.videos.create(prompt="a cat", extra_body={"steps": "many"})
+        assert refused.value.body["detail"][0]["field"] == "steps"
+        assert refused.value.body["detail"][0]["accepted"] == "1..200"
+
+
+def test_a_form_body_is_checked_like_json(stack):
+    """The same fields as a plain urlencoded form: one value each, numbers where numbers go, nothing unknown."""
+    r = stack.client.post("/v1/videos", data={"prompt": "a cat", "size": "64by32"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "size"
+    r = stack.client.post("/v1/videos", data={"prompt": "a cat", "frobs": "3"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "frobs"
+    r = stack.client.post("/v1/videos", content=b"prompt=a&prompt=b",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422 and "more than once" in r.json()["detail"][0]["msg"]
+    r = stack.client.post("/v1/videos", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 400, r.text
+
+
 def test_hundred_concurrent_submissions_all_finish(stack):
     def post(i: int) -> httpx.Response:
         return httpx.post(f"{stack.url}/generate", timeout=60, json={
