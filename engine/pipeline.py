@@ -482,6 +482,8 @@ class VideoPipeline:
                 # Commit: the clean block at t=0 adds its contribution to the running sums.
                 self._velocity(x0, 0.0, emb, mask, params.guidance_scale, cfg, state=state, commit=True)
                 where = (b + 1, steps_total)
+                if on_progress is not None:  # the commit is a step; its decode is not
+                    on_progress(Progress(b + 1, len(blocks), steps_total, steps_total, frames_done, params.frames))
                 latents = x0.to(self.dtype)
                 if decodes is None:
                     yield chunk_of(b, to_uint8_frames(decoder.decode_block(latents)))

@@ -20,7 +20,9 @@ JOB_DURATION = Histogram(
     buckets=_JOB_BUCKETS,
 )
 STEP_DURATION = Histogram(
-    "sana_worker_step_duration_seconds", "Wall time between two transformer forwards.", ["model", "mode"],
+    "sana_worker_step_duration_seconds",
+    "Wall time of a denoising step: one transformer forward (a stream block's commit is one), without the VAE decode.",
+    ["model", "mode"],
     buckets=_STEP_BUCKETS,
 )
 BLOCK_DURATION = Histogram(

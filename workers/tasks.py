@@ -201,9 +201,11 @@ class JobRun:
         now = time.monotonic()
         last = self.last_progress
         if last is None or (p.block, p.step) != (last.block, last.step):
-            # A step ended. Reports that repeat the step (a decoded chunk handed out) are not steps.
+            # A step (a transformer forward, a stream block's commit included) ended.
             metrics.STEP_DURATION.labels(self.model, self.mode).observe(now - self.t_step)
-            self.t_step = now
+        # A report that repeats the step hands out a decoded chunk: the next step is timed from here, so the
+        # histogram holds forwards, not VAE decodes.
+        self.t_step = now
         self.last_progress = p
         done = (p.block - 1) * p.steps_total + min(p.step, p.steps_total)
         total = p.blocks_total * p.steps_total
