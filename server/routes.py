@@ -91,7 +91,10 @@ def cancel(r: redis.Redis, record: dict[str, Any], settings: Settings) -> JSONRe
     if record["status"] in TERMINAL:
         return JSONResponse(status_code=409, content={
             "detail": f"job {record['id']} already {record['status']}; nothing to cancel", "status": record["status"]})
-    jobs.request_cancel(r, record["id"], settings)
+    status = jobs.request_cancel(r, record["id"], settings)
+    if status in TERMINAL and status != JobStatus.CANCELLED:  # it ended in the meantime
+        return JSONResponse(status_code=409, content={
+            "detail": f"job {record['id']} already {status}; nothing to cancel", "status": status})
     return None
 
 

@@ -257,12 +257,15 @@ def test_a_stopped_worker_acts_only_for_its_own_attempt(services, tmp_path, monk
     try:
         for mine, expected in ((1, "running"), (2, "queued")):  # the record's attempt is 2
             job_id = uuid.uuid4().hex
-            r.hset(jobs.job_key(job_id), mapping={"id": job_id, "status": "running", "attempt": 2, "worker": "w-b"})
+            r.hset(jobs.job_key(job_id), mapping={"id": job_id, "status": "running", "attempt": 2, "worker": "w-b",
+                                                  "progress": '{"fraction": 0.3}', "chunks": 10, "bytes": 2330})
             partial_path(tmp_path, job_id, 2).write_bytes(b"attempt 2")
             job = types.SimpleNamespace(id=job_id, retries_left=1, sana_attempt=mine)
             jobs.on_job_failure(job, r, SystemExit, SystemExit(), None)
             record = jobs.read_job(r, job_id)
             assert record["status"] == expected and record["attempt"] == 2
+            # Re-queued, it shows no progress of the lost attempt (the next one starts from the beginning).
+            assert ("progress" in record and "chunks" in record) == (expected == "running")
             assert partial_path(tmp_path, job_id, 2).exists() == (mine == 1)
             assert getattr(job, "requeue_on_stop", False) == (mine == 2)
             assert getattr(job, "sana_superseded", False) == (mine == 1)
@@ -424,6 +427,99 @@ def test_a_queue_maintenance_lock_is_short_and_only_its_holder_releases_it(tmp_p
         assert r.exists(queue.registry_cleaning_key)
         queue.release_maintenance_lock()
         assert not r.exists(queue.registry_cleaning_key)
+    finally:
+        r.close()
+        server.stop()
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("late", ["after the last chunk", "after the file is closed"])
+def test_a_cancel_after_the_last_check_is_honoured(tmp_path, monkeypatch, late):
+    """A DELETE answered 202 (cancel requested) while the last chunk is decoded and the file closed, past the
+    engine's last check: the job ends cancelled, with no video left (it used to succeed)."""
+    import time
+    import uuid
+
+    from conftest import RedisServer
+    from engine.pipeline import VideoPipeline
+    from server.settings import get_settings
+    from workers import jobs, tasks
+    from workers.output import JobOutput
+
+    monkeypatch.setenv("SANA_OUTPUT_DIR", str(tmp_path / "videos"))
+    get_settings.cache_clear()
+    server = RedisServer(tmp_path / "redis")
+    r = server.client()
+    job_id = uuid.uuid4().hex
+
+    def cancel() -> None:
+        assert jobs.request_cancel(r, job_id, get_settings()) == "running"
+
+    class CancelledLate:
+        """The tiny pipeline, with the cancel coming once its last chunk is out."""
+
+        def __init__(self, pipe):
+            self._pipe = pipe
+
+        def __getattr__(self, name):
+            return getattr(self._pipe, name)
+
+        def generate(self, params, **kwargs):
+            yield from self._pipe.generate(params, **kwargs)
+            if late == "after the last chunk":
+                cancel()
+
+    if late == "after the file is closed":
+        finish = JobOutput.finish
+
+        def finish_then_cancel(self, tail):
+            path = finish(self, tail)
+            cancel()
+            return path
+
+        monkeypatch.setattr(JobOutput, "finish", finish_then_cancel)
+    try:
+        settings = get_settings()
+        jobs.submit_job(r, job_id=job_id, model="tiny", params={"prompt": "a ball", "frames": 9}, owner="",
+                        settings=settings)
+        attempt = jobs.start_attempt(r, job_id, worker="w", device="cpu", started_at=time.time())
+        pipe = CancelledLate(VideoPipeline.from_pretrained("tiny", device="cpu"))
+        engine = tasks.Engine(pipe=pipe, worker_name="w", device="cpu", precision="torch")
+        result = tasks.JobRun(engine, r, job_id, attempt, settings).run({"prompt": "a ball", "frames": 9})
+        assert result["status"] == "cancelled"
+        record = jobs.read_job(r, job_id)
+        assert record["status"] == "cancelled" and "cancelled while running" in record["error"]["message"]
+        assert list(settings.output_dir.iterdir()) == []
+    finally:
+        r.close()
+        server.stop()
+        get_settings.cache_clear()
+
+
+def test_a_cancel_racing_the_end_of_a_job_is_409_not_202(tmp_path, monkeypatch):
+    """DELETE read the job running, and it succeeded before the cancel landed: 409 (nothing to cancel), not a 202
+    that shows a succeeded job."""
+    import json
+    import uuid
+
+    from conftest import RedisServer
+    from server.routes import cancel
+    from server.settings import get_settings
+    from workers import jobs
+
+    get_settings.cache_clear()
+    server = RedisServer(tmp_path / "redis")
+    r = server.client()
+    try:
+        settings = get_settings()
+        job_id = uuid.uuid4().hex
+        jobs.submit_job(r, job_id=job_id, model="tiny", params={"prompt": "a ball"}, owner="", settings=settings)
+        seen = dict(jobs.read_job(r, job_id), status="running")  # what the route read a moment before
+        assert jobs.start_attempt(r, job_id, worker="w") == 1
+        assert jobs.end_job(r, job_id, jobs.JobStatus.SUCCEEDED, allowed={"running"}, event={"type": "done"})
+        answer = cancel(r, seen, settings)
+        assert answer is not None and answer.status_code == 409
+        assert json.loads(answer.body)["status"] == "succeeded" and not r.exists(jobs.cancel_key(job_id))
     finally:
         r.close()
         server.stop()

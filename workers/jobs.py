@@ -136,21 +136,29 @@ def queued_models(r: redis.Redis) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- transitions
 
-# KEYS[1] record; ARGV[1] comma-separated statuses allowed now; ARGV[2] new status; ARGV[3] the attempt that must
-# still be the record's ('' for any); ARGV[4..] field, value...
-# Returns {1, old} when it moved, {0, current} when it did not, nil when the record does not exist.
+# KEYS[1] record, KEYS[2] (optional) a key whose existence refuses the move; ARGV[1] comma-separated statuses allowed
+# now; ARGV[2] new status; ARGV[3] the attempt that must still be the record's ('' for any); ARGV[4] comma-separated
+# fields to delete; ARGV[5..] field, value... Returns {1, old} when it moved, {0, current} when it did not, nil when
+# the record does not exist.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return nil end
 if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then return {0, cur} end
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return {0, cur} end
 for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == cur then
-    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4))
+    for f in string.gmatch(ARGV[4], '[^,]+') do redis.call('HDEL', KEYS[1], f) end
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
     return {1, cur}
   end
 end
 return {0, cur}
 """
+
+# Record fields an attempt writes as it runs (the stream's segments, progress, chunk counts): a new attempt, or a
+# job put back on its queue, starts without them.
+ATTEMPT_OUTPUT = ("init", "tail", "start", "init_attempt", "chunks", "bytes", "progress", "eta_s", "first_chunk_at",
+                  "error")
 
 # A worker takes the job: queued (or running, when the previous attempt's worker died and the re-queue
 # notice was lost) -> running, attempt + 1, and the previous attempt's output fields are cleared.
@@ -160,11 +168,10 @@ local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, 'missing'} end
 if cur ~= 'queued' and cur ~= 'running' then return {0, cur} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HDEL', KEYS[1], 'init', 'tail', 'start', 'init_attempt', 'chunks', 'bytes', 'progress', 'eta_s',
-           'first_chunk_at', 'error')
+redis.call('HDEL', KEYS[1], ATTEMPT_OUTPUT)
 redis.call('HSET', KEYS[1], 'status', 'running', unpack(ARGV))
 return attempt
-"""
+""".replace("ATTEMPT_OUTPUT", ", ".join(f"'{f}'" for f in ATTEMPT_OUTPUT))
 
 
 def _fields(mapping: dict[str, Any]) -> list[Any]:
@@ -177,11 +184,13 @@ def _fields(mapping: dict[str, Any]) -> list[Any]:
 
 
 def transition(r: redis.Redis, job_id: str, allowed: set[str], to: str, *, attempt: int | None = None,
-               **fields: Any) -> tuple[bool, str | None]:
+               unless: str | None = None, clear: tuple[str, ...] = (), **fields: Any) -> tuple[bool, str | None]:
     """Move the record to ``to`` if its status is one of ``allowed`` (and, given ``attempt``, the record's attempt is
-    still that one); returns (moved, status before)."""
-    res = r.eval(_TRANSITION, 1, job_key(job_id), ",".join(sorted(allowed)), to,
-                 "" if attempt is None else str(attempt), *_fields(fields))
+    still that one; given ``unless``, that key does not exist), deleting the ``clear`` fields; returns (moved, status
+    before)."""
+    keys = [job_key(job_id)] + ([unless] if unless else [])
+    res = r.eval(_TRANSITION, len(keys), *keys, ",".join(sorted(allowed)), to,
+                 "" if attempt is None else str(attempt), ",".join(clear), *_fields(fields))
     if res is None:
         return False, None
     return bool(res[0]), res[1].decode()
@@ -253,11 +262,13 @@ def expire_job(pipe: redis.client.Pipeline, job_id: str, settings: Settings) -> 
 
 
 def end_job(r: redis.Redis, job_id: str, status: JobStatus, *, allowed: set[str], event: dict,
-            data: bytes = b"", settings: Settings | None = None, attempt: int | None = None, **fields: Any) -> bool:
+            data: bytes = b"", settings: Settings | None = None, attempt: int | None = None,
+            unless_cancelled: bool = False, **fields: Any) -> bool:
     """Move a job to a terminal status, tell its viewers, start its retention clocks. False if it had ended (or,
-    given ``attempt``, a later attempt owns it)."""
+    given ``attempt``, a later attempt owns it; with ``unless_cancelled``, a cancel was asked for)."""
     settings = settings or get_settings()
-    moved, _ = transition(r, job_id, allowed, status, attempt=attempt, finished_at=time.time(), **fields)
+    moved, _ = transition(r, job_id, allowed, status, attempt=attempt, finished_at=time.time(),
+                          unless=cancel_key(job_id) if unless_cancelled else None, **fields)
     if not moved:
         return False
     with r.pipeline(transaction=False) as pipe:
@@ -455,8 +466,10 @@ def on_job_failure(job, connection, exc_type, exc_value, tb) -> None:
     what = "was stopped" if stopped else "stopped responding"
     if job.retries_left and job.retries_left > 0:
         note = f"worker {worker} {what} during attempt {attempt}; the job was re-queued"
+        # Back to queued as it was before its first start: the lost attempt's progress and chunks go (its file
+        # does, below; the next attempt starts from the beginning).
         moved, _ = transition(connection, job.id, {JobStatus.RUNNING}, JobStatus.QUEUED, attempt=attempt,
-                              requeued=note)
+                              clear=ATTEMPT_OUTPUT, requeued=note)
         job.requeue_on_stop = stopped and moved  # RQ re-enqueues it only when our record did go back to queued
         if moved:
             publish_event(connection, job.id, {"type": "status", "status": JobStatus.QUEUED, "attempt": attempt,

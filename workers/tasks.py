@@ -288,6 +288,9 @@ class JobRun:
             if self.mode == "stream":
                 metrics.REALTIME_FACTOR.labels(self.model).set(frames_done / params.fps / (now - self.t_generate))
         tail = encoder.close()
+        # A cancel asked for after the last step (the last block was decoding): honoured, nothing is published.
+        if self.should_cancel():
+            raise GenerationCancelled("cancelled")
         path = self.output.finish(tail)
 
         wall = time.monotonic() - self.t_generate
@@ -297,13 +300,16 @@ class JobRun:
         done = {"type": "done", "status": JobStatus.SUCCEEDED, "chunks": self.output.chunks,
                 "frames": frames_done, "bytes": self.output.bytes, "tail_bytes": len(tail)}
         if not self._end(JobStatus.SUCCEEDED, done, data=tail, t0=t0, first_chunk_s=first_chunk_s,
-                         video=path.name, progress=json.dumps(final_progress)):
+                         video=path.name, progress=json.dumps(final_progress), unless_cancelled=True):
+            if self.should_cancel():  # cancelled in the moment since the check above: the file goes too
+                path.unlink(missing_ok=True)
+                raise GenerationCancelled("cancelled")
             raise jobs.AttemptSuperseded(self.job_id, self.attempt, " (it lost the job before it could end it)")
         log.info("job %s: succeeded, %d frames in %.2fs -> %s", self.job_id, frames_done, wall, path)
         return {"status": JobStatus.SUCCEEDED, "video": path.name, "frames": frames_done}
 
     def _end(self, status: JobStatus, event: dict, *, t0: float, data: bytes = b"", error: dict | None = None,
-             first_chunk_s: float | None = None, **fields: Any) -> bool:
+             first_chunk_s: float | None = None, unless_cancelled: bool = False, **fields: Any) -> bool:
         """Record the attempt's outcome; False when the job had ended or moved on to another attempt."""
         run_s = time.monotonic() - t0
         record = jobs.read_job(self.r, self.job_id) or {}
@@ -319,7 +325,8 @@ class JobRun:
         if error is not None and "error" not in event:
             event["error"] = error
         ended = jobs.end_job(self.r, self.job_id, status, allowed={JobStatus.RUNNING}, attempt=self.attempt,
-                             event=event, data=data, settings=self.settings, timings=json.dumps(timings), **fields)
+                             event=event, data=data, settings=self.settings, unless_cancelled=unless_cancelled,
+                             timings=json.dumps(timings), **fields)
         if ended:
             metrics.JOBS.labels(self.model, status.value).inc()
             metrics.JOB_DURATION.labels(self.model, self.mode).observe(run_s)
