@@ -6,6 +6,7 @@ a form and a JSON body take the same checks and get the same errors; a JSON body
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -31,15 +32,16 @@ def _number_kind(annotation: object) -> type | None:
     return None
 
 
+# What JSON would take as a number: int() and float() also take spaces, underscores and other scripts' digits.
+_NUMBER = {int: re.compile(r"-?[0-9]+"), float: re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")}
+
+
 def _as_json_value(model: type[BaseModel], name: str, text: str) -> object:
     field = model.model_fields.get(name)
     kind = _number_kind(field.annotation) if field is not None else None
-    if kind is None:
-        return text
-    try:
-        return kind(text)
-    except ValueError:
-        return text  # the model names the field and its accepted range
+    if kind is None or not _NUMBER[kind].fullmatch(text):
+        return text  # text, or not a number: the model names the field and its accepted range
+    return kind(text)
 
 
 async def form_as_object(request: Request, model: type[BaseModel]) -> dict[str, object]:

@@ -462,6 +462,9 @@ def test_a_form_body_is_checked_like_json(stack):
     """The same fields as a plain urlencoded form: one value each, numbers where numbers go, nothing unknown."""
     r = stack.client.post("/v1/videos", data={"prompt": "a cat", "size": "64by32"})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "size"
+    for odd in (" 5", "1_7", "\u0661", "5.0"):  # numbers as int() reads them, not as JSON does
+        r = stack.client.post("/v1/videos", data={"prompt": "a cat", "steps": odd})
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "steps", (odd, r.text)
     r = stack.client.post("/v1/videos", data={"prompt": "a cat", "frobs": "3"})
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "frobs"
     r = stack.client.post("/v1/videos", content=b"prompt=a&prompt=b",

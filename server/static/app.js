@@ -253,6 +253,9 @@ class JobView {
     if (apiKey()) url.searchParams.set("access_token", apiKey());
     this.requestedFrom = this.nextChunk;
     this.pendingBinary = null;
+    // Reconnecting into a restarted attempt: the socket that was reading the old one goes (it would stream the
+    // rest of the job unread, and count as a second viewer).
+    if (this.socket && this.socket.readyState <= WebSocket.OPEN) this.socket.close();
     const socket = new WebSocket(url.toString());
     socket.binaryType = "arraybuffer";
     this.socket = socket;
@@ -367,7 +370,7 @@ class JobView {
 
   onClose(ev) {
     logEvent("ws-close", { code: ev.code });
-    if (this.closed || this.streamDone || FINAL.has(this.status)) return;
+    if (this.closed || this.streamDone || FINAL.has(this.status) || this.status === "expired") return;
     if (ev.code >= 4400 && ev.code < 4500) {
       showJobError(ev.reason || `stream refused (code ${ev.code})`);
       return;
