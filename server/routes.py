@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import redis
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from server import metrics
@@ -98,7 +98,8 @@ def cancel(r: redis.Redis, record: dict[str, Any], settings: Settings) -> JSONRe
     return None
 
 
-def video_file(record: dict[str, Any], settings: Settings) -> FileResponse | JSONResponse:
+def video_file(record: dict[str, Any], settings: Settings, range_header: str | None = None
+               ) -> FileResponse | JSONResponse:
     if record["status"] != JobStatus.SUCCEEDED:
         return JSONResponse(status_code=409, content={
             "detail": f"job {record['id']} is {record['status']}; the video exists once it has succeeded",
@@ -107,7 +108,47 @@ def video_file(record: dict[str, Any], settings: Settings) -> FileResponse | JSO
     if not path.is_file():
         return JSONResponse(status_code=410, content={"detail": f"the video of job {record['id']} was removed",
                                                       "status": record["status"]})
+    size = path.stat().st_size
+    ranges = requested_ranges(range_header)
+    if ranges is None:  # none asked for, or a Range we do not read: the whole file (RFC 9110 14.2)
+        return WholeFileResponse(path, media_type="video/mp4", filename=path.name)
+    if not any((first is None and last) or (first is not None and first < size) for first, last in ranges):
+        return JSONResponse(status_code=416, headers={"Content-Range": f"bytes */{size}"}, content={"detail": [{
+            "loc": ["header", "range"], "msg": f"no range of {range_header!r} is in the file's {size} bytes",
+            "type": "range_not_satisfiable", "field": "range",
+            "accepted": f"bytes=FIRST-LAST with FIRST < {size}, or bytes=-N with N > 0"}]})
     return FileResponse(path, media_type="video/mp4", filename=path.name)
+
+
+_RANGE_SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def requested_ranges(header: str | None) -> list[tuple[int | None, int | None]] | None:
+    """The (first, last) byte ranges of a Range header (first None for a suffix of ``last`` bytes), or None when
+    there is none or it is not a valid bytes range (then it is ignored, as HTTP asks)."""
+    if not header:
+        return None
+    unit, _, specs = header.partition("=")
+    if unit.strip().lower() != "bytes" or not specs.strip():
+        return None
+    out: list[tuple[int | None, int | None]] = []
+    for spec in specs.split(","):
+        m = _RANGE_SPEC.match(spec)
+        if m is None or m.groups() == ("", ""):
+            return None
+        first, last = (int(g) if g else None for g in m.groups())
+        if first is not None and last is not None and last < first:
+            return None
+        out.append((first, last))
+    return out
+
+
+class WholeFileResponse(FileResponse):
+    """The file as a 200, whatever Range the request carries (one we chose to ignore)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"range"])
+        await super().__call__(scope, receive, send)
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -145,10 +186,11 @@ def delete_job(job_id: str, r: RedisDep, settings: SettingsDep, owner: OwnerDep,
 @router.head("/jobs/{job_id}/video", include_in_schema=False)  # size and range support, probed before a download
 @router.get("/jobs/{job_id}/video", tags=["jobs"], response_class=FileResponse,
             responses={**_AUTH, **_NOT_FOUND, 200: {"content": {"video/mp4": {}}},
-                       409: {"model": ErrorBody, "description": "Not finished (or did not succeed)."}})
-def get_video(job_id: str, r: RedisDep, settings: SettingsDep, owner: MediaOwnerDep):
+                       409: {"model": ErrorBody, "description": "Not finished (or did not succeed)."},
+                       416: {"model": ErrorBody, "description": "No byte range asked for is in the file."}})
+def get_video(job_id: str, request: Request, r: RedisDep, settings: SettingsDep, owner: MediaOwnerDep):
     """The MP4 once the job has succeeded (Range requests supported)."""
-    return video_file(owned_record(r, job_id, owner), settings)
+    return video_file(owned_record(r, job_id, owner), settings, request.headers.get("range"))
 
 
 # ------------------------------------------------------------------------------------------- OpenAI-style
@@ -222,13 +264,14 @@ def get_video_object(video_id: str, r: RedisDep, settings: SettingsDep, owner: O
 @router.head("/v1/videos/{video_id}/content", include_in_schema=False)
 @router.get("/v1/videos/{video_id}/content", tags=["openai"], response_class=FileResponse,
             responses={**_AUTH, **_NOT_FOUND, 200: {"content": {"video/mp4": {}}},
-                       409: {"model": ErrorBody, "description": "Not finished (or did not succeed)."}})
-def get_video_content(video_id: str, r: RedisDep, settings: SettingsDep, owner: MediaOwnerDep,
+                       409: {"model": ErrorBody, "description": "Not finished (or did not succeed)."},
+                       416: {"model": ErrorBody, "description": "No byte range asked for is in the file."}})
+def get_video_content(video_id: str, request: Request, r: RedisDep, settings: SettingsDep, owner: MediaOwnerDep,
                       variant: str = "video"):
     if variant != "video":
         raise HTTPException(422, detail=[{"loc": ["query", "variant"], "msg": f"unknown variant {variant!r}",
                                           "type": "value_error", "field": "variant", "accepted": "video"}])
-    return video_file(owned_record(r, video_id, owner), settings)
+    return video_file(owned_record(r, video_id, owner), settings, request.headers.get("range"))
 
 
 @router.delete("/v1/videos/{video_id}", response_model=VideoObject, tags=["openai"],

@@ -93,6 +93,14 @@ def test_clip_job_progresses_succeeds_and_downloads(stack, services):
     part = client.get(body["video_url"], headers={"Range": "bytes=100-299"})
     assert part.status_code == 206 and part.content == video.content[100:300]
     assert part.headers["content-range"] == f"bytes 100-299/{len(video.content)}"
+    # A Range we do not read (another unit, last before first, no numbers) is ignored: the whole file, as HTTP asks.
+    for odd in ("items=0-1", "bytes=5-2", "bytes=-", "bytes=a-b"):
+        whole = client.get(body["video_url"], headers={"Range": odd})
+        assert whole.status_code == 200 and whole.content == video.content, odd
+    size = len(video.content)
+    beyond = client.get(f"/v1/videos/{job_id}/content", headers={"Range": f"bytes={size}-"})
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{size}"
+    assert beyond.json()["detail"][0]["field"] == "range" and str(size) in beyond.json()["detail"][0]["accepted"]
     # Download managers and players probe with HEAD first: the size and range support, no body.
     for url in (body["video_url"], f"/v1/videos/{job_id}/content"):
         head = client.head(url)
