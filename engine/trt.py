@@ -156,10 +156,34 @@ class EngineSidecar:
         return {k: tuple(v["shape"]) for k, v in self.inputs.items()}
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names (presets or their aliases, folders, hub ids) name the same model."""
+    from engine.presets import PRESETS, get_preset
+
+    def key(name: str) -> str:
+        preset = get_preset(name) or next((p for p in PRESETS.values() if p.source and p.source == name), None)
+        if preset is not None:
+            return f"preset:{preset.name}"
+        return str(Path(name).resolve()) if Path(name).exists() else name
+
+    return key(a) == key(b)
+
+
+def check_engine_model(sidecar: EngineSidecar, model: str, where: str = "engine") -> None:
+    """Refuse an engine built from another model: it holds that model's weights, and would run them in its place.
+    (A sidecar that does not record its model passes.)"""
+    built_from = (sidecar.model or {}).get("base_model")
+    if built_from is not None and not same_model(str(built_from), model):
+        raise EngineMismatch(f"{where} holds the weights of {built_from}, not of {model}: build one from {model} "
+                             "with `sana-video build-engine`, or give this worker a folder of its own engines")
+
+
 def check_sidecar(sidecar: EngineSidecar, tensorrt_version: str, capability: tuple[int, int] | None,
-                  where: str = "engine") -> None:
+                  where: str = "engine", model: str | None = None) -> None:
     """Refuse an engine built elsewhere: TensorRT engines run only with the TensorRT version and on the compute
-    capability they were built for."""
+    capability they were built for; given ``model``, only for the model whose weights they hold."""
+    if model is not None:
+        check_engine_model(sidecar, model, where)
     rebuild = "rebuild it on this machine with `sana-video build-engine`"
     if sidecar.tensorrt_version != tensorrt_version:
         raise EngineMismatch(
@@ -426,7 +450,7 @@ def load_denoiser(pipe, precision: str = "auto", engine_path: str | Path | None 
             for folder in find_engines(engine_path):
                 sidecar = read_sidecar(folder)
                 try:
-                    check_sidecar(sidecar, trt.__version__, capability, where=str(folder))
+                    check_sidecar(sidecar, trt.__version__, capability, where=str(folder), model=pipe.name)
                 except EngineMismatch:
                     continue
                 usable.setdefault(sidecar.precision, []).append(folder)
@@ -442,6 +466,8 @@ def load_denoiser(pipe, precision: str = "auto", engine_path: str | Path | None 
         folders = [f for f in find_engines(engine_path) if read_sidecar(f).precision == precision]
         if not folders:
             raise EngineNotFound(f"{engine_path}: no {precision} engine there (build one with `sana-video build-engine --precision {precision}`)")
+        for folder in folders:
+            check_engine_model(read_sidecar(folder), pipe.name, where=str(folder))
         chosen = precision
     if pipe.device.type != "cuda":
         raise BackendError(f"TensorRT engines run on CUDA; the pipeline is on {pipe.device} (accepted here: torch)")

@@ -90,6 +90,16 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
             assert not ignored(source), f"{image}: COPY {source}: excluded by .dockerignore"
 
 
+def test_the_worker_image_has_every_package_of_the_project():
+    """quantize --model demo reads its calibration captions from training/: a package missing from the image is a
+    ModuleNotFoundError there only."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {shlex.split(args)[0] for keyword, args in instructions(DOCKERFILES["worker"]) if keyword == "COPY"}
+    assert {p.rstrip("*") for p in packages} <= copied
+
+
 def test_dockerignore_keeps_the_context_small():
     for path in (".git/HEAD", "tests/test_deploy_images.py", "test-artifacts/page.png", "outputs/x.mp4",
                  "engine/__pycache__/model.cpython-311.pyc", "benchmarks/results/run.json"):

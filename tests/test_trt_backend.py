@@ -82,6 +82,24 @@ def test_sidecar_round_trips_and_refuses_mismatched_engines(tmp_path):
         EngineSidecar.from_json("{")
 
 
+def test_an_engine_of_another_model_is_refused(tmp_path):
+    """Engines hold their model's weights: a sana-video-720p worker given a folder with the 480p model's engines
+    must not run them (its videos would come from the other model). Aliases and folders name models too."""
+    from engine.trt import check_engine_model
+
+    s480 = _sidecar(model={"model": "/data/q480", "base_model": "sana-video-480p"})
+    with pytest.raises(EngineMismatch, match="holds the weights of sana-video-480p, not of sana-video-720p"):
+        trt.check_sidecar(s480, "10.9.0", (9, 0), where="e480", model="sana-video-720p")
+    trt.check_sidecar(s480, "10.9.0", (9, 0), where="e480", model="sana-video-480p")
+    check_engine_model(s480, "Efficient-Large-Model/SANA-Video_2B_480p_diffusers")  # the preset by its hub id
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    check_engine_model(_sidecar(model={"base_model": str(folder)}), str(tmp_path / "." / "ckpt"))
+    with pytest.raises(EngineMismatch):
+        check_engine_model(_sidecar(model={"base_model": str(folder)}), "sana-video-480p")
+    check_engine_model(_sidecar(), "sana-video-720p")  # a sidecar without the record: not refused
+
+
 def test_engine_folders_are_found_and_incomplete_ones_refused(tmp_path):
     with pytest.raises(EngineNotFound, match="not a folder"):
         find_engines(tmp_path / "missing")
