@@ -187,7 +187,9 @@ def serve(
     _check_settings()
     from server.serve import run_serve
 
-    run_serve(host=host, port=port, model=model, device=device)
+    code = run_serve(host=host, port=port, model=model, device=device)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

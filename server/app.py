@@ -228,11 +228,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def run_api(host: str | None = None, port: int | None = None) -> None:
-    """Serve the API with uvicorn until Ctrl-C."""
+def run_api(host: str | None = None, port: int | None = None, server_ready=None) -> None:
+    """Serve the API with uvicorn until Ctrl-C (or its ``should_exit``: ``server_ready`` gets the uvicorn.Server
+    before it starts)."""
     import uvicorn
 
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port,
-                log_level="info", ws="auto")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host or settings.host,
+                                           port=port or settings.port, log_level="info", ws="auto"))
+    if server_ready is not None:
+        server_ready(server)
+    server.run()

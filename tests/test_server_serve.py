@@ -47,3 +47,16 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_serve_stops_when_its_worker_cannot_start(services):
+    """A model that does not exist: the worker exits 2 with its one-line error, and serve stops its API with the same
+    code instead of queueing jobs that nothing will run."""
+    port = free_port()
+    serve = Proc("serve-bad", [sys.executable, "-m", "engine.cli", "serve", "--model", "nope", "--port", str(port),
+                               "--device", "cpu"], services.env(), services.workdir)
+    services.procs.append(serve)
+    assert serve.popen.wait(timeout=120) == 2, serve.log()
+    assert "unknown model 'nope'" in serve.log() and "the worker exited (code 2)" in serve.log()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
