@@ -30,16 +30,11 @@ def _fail(message: str) -> None:
 
 def _check_settings() -> None:
     """The server and worker settings (SANA_* variables, REDIS_URL) parse, or exit 2 naming the variable."""
-    from pydantic import ValidationError
+    from server.settings import settings_error
 
-    from server.settings import get_settings
-
-    try:
-        get_settings()
-    except ValidationError as exc:
-        bad = [f"SANA_{str(e['loc'][0]).upper() if e['loc'] else '?'}={e.get('input')!r}: {e['msg']}"
-               for e in exc.errors()]
-        _fail("invalid setting: " + "; ".join(bad))
+    error = settings_error()
+    if error:
+        _fail(error)
 
 
 @app.command()

@@ -32,5 +32,9 @@ class DeviceError(EngineError, ValueError):
     """The requested device or dtype cannot be used on this machine."""
 
 
+class SettingError(EngineError, ValueError):
+    """A setting names something this process cannot use (an unreachable Redis, an unwritable folder)."""
+
+
 class GenerationCancelled(EngineError):
     """Raised inside ``generate`` at a step boundary when the cancellation check returns True."""

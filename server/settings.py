@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://HOST:PORT/DB, rediss://... (TLS) or unix://PATH")
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -135,3 +142,19 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_error() -> str | None:
+    """Why the settings (SANA_* variables, REDIS_URL) do not parse, naming each variable; None when they do."""
+    from pydantic import ValidationError
+
+    try:
+        get_settings()
+    except ValidationError as exc:
+        bad = []
+        for e in exc.errors():
+            name = str(e["loc"][0]) if e["loc"] else "?"
+            variable = name if name.isupper() else f"SANA_{name.upper()}"  # REDIS_URL is read without the prefix
+            bad.append(f"{variable}={e.get('input')!r}: {e['msg']}")
+        return "invalid setting: " + "; ".join(bad)
+    return None

@@ -210,6 +210,28 @@ def test_bad_settings_and_a_taken_metrics_port_exit_2():
     assert proc.returncode == 2 and f"port {port}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.timeout(180)
+def test_a_worker_checks_redis_its_folder_and_settings_before_loading(tmp_path, services):
+    """Both entry points (the CLI's and the README's ``python -m workers``): a Redis that is not there, an output
+    folder that takes no file, a malformed setting or port: exit 2 with the variable, before any model load."""
+    from conftest import free_port
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    cases = [({"REDIS_URL": "notaurl"}, [], "REDIS_URL='notaurl'"),
+             ({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, [], "Redis does not answer"),
+             ({"SANA_OUTPUT_DIR": str(blocked / "videos")}, [], "SANA_OUTPUT_DIR="),
+             ({"SANA_MAX_FRAMES": "0"}, [], "SANA_MAX_FRAMES='0'"),
+             ({}, ["--metrics-port", "99999"], "65535")]
+    for entry in (["-m", "engine.cli", "worker"], ["-m", "workers"]):
+        for env, args, message in cases:
+            proc = subprocess.run([sys.executable, *entry, "--model", "tiny", "--device", "cpu", "--burst", *args],
+                                  env=dict(services.env(SANA_WORKER_METRICS_PORT="0"), **env), capture_output=True,
+                                  text=True, timeout=60)
+            assert proc.returncode == 2 and message in proc.stderr, (entry, env, args, proc.stderr)
+            assert "Traceback" not in proc.stderr and "loading tiny" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
 def test_worker_on_a_cuda_device_without_cuda_exit_2():
     for device in ("cuda", "cuda:7"):

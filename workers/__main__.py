@@ -4,8 +4,15 @@ import argparse
 import sys
 
 from engine.errors import EngineError
+from server.settings import settings_error
 
 from workers.worker import run_worker
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (accepted: 0..65535)")
+    return int(text)
 
 
 def main() -> None:
@@ -18,9 +25,13 @@ def main() -> None:
                         help="fast path of a PyTorch denoiser: auto (on CUDA), on, off, or fp8 (FP8 GPU) "
                         "(default: SANA_WORKER_FAST, else auto)")
     parser.add_argument("--engine", dest="engine_path", default=None, help="TensorRT engine folder(s)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="0 turns /metrics off")
+    parser.add_argument("--metrics-port", type=_port, default=None, help="0 turns /metrics off (0..65535)")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     args = parser.parse_args()
+    error = settings_error()
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     try:
         run_worker(args.model, args.device, args.precision, args.engine_path, args.metrics_port, args.burst,
                    args.fast)

@@ -25,6 +25,7 @@ import threading
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
+from engine.errors import SettingError
 from engine.types import GenerationParams
 from server.settings import Settings, get_settings
 from workers import jobs, metrics, tasks
@@ -153,6 +154,27 @@ class GenerationWorker(SimpleWorker):
                 log.exception("heartbeat failed")
 
 
+def _check_services(settings: Settings) -> None:
+    """Redis answers and the output folder takes files, before a model load that can take minutes: else a
+    SettingError (exit 2) naming the variable, not a traceback (or every job failing) after the load."""
+    import redis
+
+    from engine.loading import unwritable_folder
+
+    try:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        why = unwritable_folder(settings.output_dir)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    if why:
+        raise SettingError(f"SANA_OUTPUT_DIR={str(settings.output_dir)!r}: no video can be written there ({why})")
+    try:
+        with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as r:
+            r.ping()
+    except redis.RedisError as exc:
+        raise SettingError(f"REDIS_URL={settings.redis_url!r}: Redis does not answer ({exc})") from exc
+
+
 def pick_device(device: str | None) -> str:
     import torch
 
@@ -199,6 +221,7 @@ def run_worker(model: str | None = None, device: str | None = None, precision: s
 
     # /metrics answers while the model loads (container healthchecks); the heartbeat gauge starts after.
     metrics.serve_metrics(settings.worker_metrics_port if metrics_port is None else metrics_port)
+    _check_services(settings)
     log.info("loading %s on %s (precision %s, fast path %s)", model, device, precision, fast)
     engine = tasks.load_engine(model, device, precision, name, engine_path, fast)
     pipe = engine.pipe
