@@ -179,11 +179,9 @@ def check_engine_model(sidecar: EngineSidecar, model: str, where: str = "engine"
 
 
 def check_sidecar(sidecar: EngineSidecar, tensorrt_version: str, capability: tuple[int, int] | None,
-                  where: str = "engine", model: str | None = None) -> None:
+                  where: str = "engine") -> None:
     """Refuse an engine built elsewhere: TensorRT engines run only with the TensorRT version and on the compute
-    capability they were built for; given ``model``, only for the model whose weights they hold."""
-    if model is not None:
-        check_engine_model(sidecar, model, where)
+    capability they were built for."""
     rebuild = "rebuild it on this machine with `sana-video build-engine`"
     if sidecar.tensorrt_version != tensorrt_version:
         raise EngineMismatch(
@@ -450,7 +448,8 @@ def load_denoiser(pipe, precision: str = "auto", engine_path: str | Path | None 
             for folder in find_engines(engine_path):
                 sidecar = read_sidecar(folder)
                 try:
-                    check_sidecar(sidecar, trt.__version__, capability, where=str(folder), model=pipe.name)
+                    check_sidecar(sidecar, trt.__version__, capability, where=str(folder))
+                    check_engine_model(sidecar, pipe.name, where=str(folder))
                 except EngineMismatch:
                     continue
                 usable.setdefault(sidecar.precision, []).append(folder)
@@ -463,11 +462,12 @@ def load_denoiser(pipe, precision: str = "auto", engine_path: str | Path | None 
     else:
         import_tensorrt()
         check_capability(precision, gpu_capability(pipe.device if pipe.device.type == "cuda" else None))
-        folders = [f for f in find_engines(engine_path) if read_sidecar(f).precision == precision]
+        sidecars = {f: read_sidecar(f) for f in find_engines(engine_path)}
+        folders = [f for f, sidecar in sidecars.items() if sidecar.precision == precision]
         if not folders:
             raise EngineNotFound(f"{engine_path}: no {precision} engine there (build one with `sana-video build-engine --precision {precision}`)")
         for folder in folders:
-            check_engine_model(read_sidecar(folder), pipe.name, where=str(folder))
+            check_engine_model(sidecars[folder], pipe.name, where=str(folder))
         chosen = precision
     if pipe.device.type != "cuda":
         raise BackendError(f"TensorRT engines run on CUDA; the pipeline is on {pipe.device} (accepted here: torch)")
