@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from engine.pipeline import VideoPipeline
 from engine.types import GenerationParams
-from training.train import Config, WeightedBlockState, apply_overrides
+from training import data
+from training.train import Config, WeightedBlockState, apply_overrides, latent_coverage, weighted_mse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,6 +144,40 @@ def test_weighted_state_weighs_committed_blocks():
     assert torch.allclose(weighted.z[:, 1], 3 * plain.z[:, 1]) and torch.equal(weighted.conv, plain.conv)
 
 
+def test_latent_coverage_finds_the_object_where_the_vae_puts_it():
+    """A square in one 8x8 cell, then moving right by 8 pixels per frame: its coverage lands in the latent cell and
+    latent frame (frame 0 alone, then 4 frames each) that hold those pixels."""
+    frames = 9  # latent frames 0 | 1-4 | 5-8
+    alpha = torch.zeros(1, frames, data.SIZE, data.SIZE)
+    for f in range(frames):
+        alpha[0, f, 20:22, 8 * f + 3 : 8 * f + 5] = 1.0  # latent row 2, column f
+    alpha[0, 2, 20, 8 * 2 + 3] = 0.25
+    cover = latent_coverage(alpha, 3)
+    assert cover.shape == (1, 1, 3, data.SIZE // 8, data.SIZE // 8)
+    expected = torch.zeros(3, 8, 8)
+    expected[0, 2, 0] = 1.0
+    expected[1, 2, 1:5] = 1.0
+    expected[2, 2, 5:8] = 1.0  # frame 8's column 8 is off the frame
+    assert torch.equal(cover[0, 0], expected)
+
+
+def test_weighted_mse_weighs_the_covered_positions():
+    torch.manual_seed(0)
+    target = torch.randn(2, 4, 3, 8, 8)
+    cover = torch.zeros(2, 1, 3, 8, 8)
+    cover[:, :, :, 2:4, 2:4] = 1.0
+    assert torch.equal(weighted_mse(target + 1, target, cover, 0.0), torch.tensor(1.0))
+    off_object = target.clone()
+    off_object[:, :, :, 0, 0] += 1.0  # wrong outside the object
+    on_object = target.clone()
+    on_object[:, :, :, 2, 2] += 1.0  # wrong by as much on it
+    plain = [weighted_mse(x, target, cover, 0.0) for x in (off_object, on_object)]
+    weighted = [weighted_mse(x, target, cover, 8.0) for x in (off_object, on_object)]
+    assert torch.allclose(plain[0], plain[1])
+    assert torch.allclose(weighted[1], 9 * weighted[0])
+    assert torch.allclose(weighted_mse(target + 1, target, cover, 8.0), torch.tensor(1.0))  # normalized
+
+
 def test_extend_reopens_a_finished_phase_for_more_minutes(tmp_path):
     from training.train import Run, parse_args
 
@@ -176,7 +211,7 @@ def test_init_from_a_shipped_folder_trains_on_from_its_weights(resumed_run, tmp_
     folder = resumed_run[0] / "export" / "demo"
     out = tmp_path / "run"
     proc = train("--out", str(out), "--init-from", str(folder), "--phases", "clip,causal", "--max-steps", "1",
-                 "--portable", str(tmp_path / "portable"))
+                 "--portable", str(tmp_path / "portable"), "--set", "latent_object_weight=8")
     assert "initialized the VAE and the clip model from" in proc.stdout
     logs = json.loads((out / "losses.json").read_text())
     progress = logs["progress"]
