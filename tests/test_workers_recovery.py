@@ -214,6 +214,29 @@ def test_a_worker_stopped_while_taking_a_job_leaves_it_to_the_next(stack, servic
     assert len(decode_mp4(stack.client.get(f"/jobs/{job_id}/video").content)) == 9
 
 
+def test_idle_workers_stop_at_once(services):
+    """SIGTERM (docker compose stop) to workers waiting for jobs: each exits cleanly within seconds. RQ's command
+    listener, stopped in the worker's teardown, could hold it there for up to a minute (a race: four workers make
+    it show)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    idle = [services.worker("tiny", wait=False) for _ in range(4)]
+    for w in idle:
+        services.wait_worker(w)
+    time.sleep(1.0)
+    for w in idle:
+        os.kill(w.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for w in idle:
+        try:
+            assert w.popen.wait(max(0.1, deadline - time.monotonic())) == 0, w.log()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker {w.pid} still running 10 s after SIGTERM:\n{w.log()}") from None
+
+
 def test_a_worker_stopped_twice_mid_job_hands_the_job_on(stack, services):
     """A second SIGTERM (or Ctrl-C) stops a worker in the middle of a job: RQ raises SystemExit inside it. The job is
     re-queued like a lost worker's, and another worker finishes it (it used to stay "running" for good)."""

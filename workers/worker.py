@@ -1,6 +1,6 @@
 """A GPU worker: loads the engine once, then takes jobs from its model's queue one at a time.
 
-It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded) with five changes:
+It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded) with six changes:
 
 - a heartbeat thread refreshes the worker's registration (``workers/registry.py``), RQ's worker and execution
   heartbeats, and looks for jobs of dead workers (``jobs.requeue_abandoned``), every ``SANA_HEARTBEAT_S``;
@@ -9,7 +9,8 @@ It is RQ's in-process ``SimpleWorker`` (no fork per job: the weights stay loaded
 - retries are for lost workers only: an exception raised by a job is final (it would recur on any worker);
 - an attempt that lost its job (the worker stalled and the job went on elsewhere) leaves RQ's job, shared with the
   attempt that owns it, untouched;
-- a second thread answers the API's submit checks (``jobs.answer_checks``): the request resolved as the job will be.
+- a second thread answers the API's submit checks (``jobs.answer_checks``): the request resolved as the job will be;
+- the thread that listens for RQ's commands (stop-job) polls every second, so that a stopping worker exits at once.
 
 Run it with ``sana-video worker --model NAME --device cuda:N`` (or ``python -m workers``). Any number of workers
 on any number of GPUs and hosts may share a queue.
@@ -65,6 +66,15 @@ class GenerationWorker(SimpleWorker):
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return self.settings.heartbeat_ttl_s
+
+    def subscribe(self) -> None:
+        # RQ's own listens with sleep_time=60, and redis-py 8 joins that thread without a timeout when RQ stops it: a
+        # worker stopped between jobs hung in its teardown for up to a minute (past docker's grace period).
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(sleep_time=1.0, daemon=True,
+                                                       exception_handler=self._pubsub_exception_handler)
 
     def handle_job_success(self, job, queue, started_job_registry, execution):
         if getattr(job, "sana_superseded", False):
