@@ -300,3 +300,66 @@ def test_decoder_finetune_checks_its_arguments(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "training.decoder", *argv], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_training_stream_blocks_are_the_whole_decode():
+    """--stream-frames trains on blocks decoded with the cache the blocks before left: put together, they are the
+    whole clip's decode, and each comes with its own frames of the clip."""
+    from diffusers import AutoencoderKLWan
+
+    from training.decoder import TrainingStream
+
+    vae = AutoencoderKLWan.from_pretrained(ROOT / "engine" / "weights" / "demo-causal" / "vae").float().eval()
+    stream = TrainingStream(vae, 2, 25, 2, seed=0, device=torch.device("cpu"))  # 7 latent frames: blocks 3, 2, 2
+    with torch.no_grad():
+        blocks = [stream.next_block() for _ in stream.blocks]
+        whole = vae.decode(stream.z).sample
+    assert [b[0].shape[2] for b in blocks] == [9, 8, 8]
+    assert torch.equal(torch.cat([b[0] for b in blocks], 2).clamp(-1, 1), whole)
+    assert torch.equal(torch.cat([b[1] for b in blocks], 2), stream.video)
+    assert torch.equal(torch.cat([b[2] for b in blocks], 2), stream.alpha)
+    first_clips = stream.video
+    with torch.no_grad():
+        stream.next_block()  # past the end: new clips, from their first frame
+    assert stream.round == 2 and not torch.equal(stream.video, first_clips) and stream.frame == 9
+
+
+def _decoder_run(folder: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "training.decoder", "--model", str(folder), "--batch", "1",
+                           "--max-steps", "2", "--val-clips", "1", "--device", "cpu", "--force", *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_decoder_finetune_with_the_encoder_or_as_a_stream(resumed_run, tmp_path):
+    """--encoder --tail-weight moves the encoder too (the latent space changes; its statistics stay in the config);
+    --stream-frames trains the decoder alone, block by block."""
+    for argv, encoder_moves in ((["--frames", "9", "--encoder", "--tail-weight", "1"], True),
+                                (["--frames", "9", "--stream-frames", "13", "--stream-groups", "2",
+                                  "--check-frames", "13"], False)):
+        folder = tmp_path / f"run{len(argv)}"
+        shutil.copytree(resumed_run[0] / "export" / "demo-causal", folder)
+        before = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+        std = json.loads((folder / "vae" / "config.json").read_text())["latents_std"]
+        report = tmp_path / f"report{len(argv)}.json"
+        proc = _decoder_run(folder, *argv, "--report", str(report))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        after = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+        encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+        assert any(not torch.equal(after[k], before[k]) for k in encoder) == encoder_moves, argv
+        assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+        assert json.loads((folder / "vae" / "config.json").read_text())["latents_std"] == std
+        result = json.loads(report.read_text())
+        assert result["steps"] == 2 and "fresh_tail_loss" in result["validation_after"]
+
+
+def test_decoder_stream_options_are_checked():
+    folder = str(ROOT / "engine" / "weights" / "demo-causal")
+    for argv, message in ((["--stream-frames", "20", "--check-frames", "13"], "--stream-frames must be 4k+1"),
+                          (["--stream-frames", "13"], "needs --check-frames"),
+                          (["--stream-frames", "13", "--check-frames", "13", "--encoder"], "decoder alone"),
+                          (["--stream-frames", "13", "--check-frames", "13", "--stream-groups", "0"],
+                           "--stream-groups must be at least 1")):
+        proc = subprocess.run([sys.executable, "-m", "training.decoder", "--model", folder, *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr)
