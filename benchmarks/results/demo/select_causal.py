@@ -4,9 +4,11 @@ backgrounds and seeds, and 4 streams of 30 s of training prompts. Score = clip c
 stream blocks with the right colour and motion. CPU, fp32.
 
     python benchmarks/results/demo/select_causal.py OUT.json NAME=FOLDER [NAME=FOLDER ...] [--soup NAME=A+B]
+        [--device cuda]
 
 ``--soup NAME=A+B`` first writes the average of candidates A's and B's transformer and text encoder (same
-architecture, one fine-tuning chain) to .run/soup-NAME, then scores it as a candidate.
+architecture, one fine-tuning chain) to .run/soup-NAME, then scores it as a candidate. ``--device cuda`` scores on a GPU (fp32): faster, and comparable only with candidates scored
+in the same run.
 """
 import json
 import os
@@ -35,8 +37,8 @@ def soup(a: str, b: str, out: str) -> str:
     return out
 
 
-def score(folder: str) -> dict:
-    pipe = VideoPipeline.from_pretrained(folder, device="cpu")
+def score(folder: str, device: str = "cpu") -> dict:
+    pipe = VideoPipeline.from_pretrained(folder, device=device, dtype="fp32")
     cases = data.sample_cases(96, torch.Generator().manual_seed(2026), "train")
     clips = evaluate_pipeline(pipe, cases, seeds=[5000 + i for i in range(len(cases))], batch=24)
     streams = [stream_consistency(pipe, case, seconds=30.0, seed=s)
@@ -54,10 +56,12 @@ def score(folder: str) -> dict:
 
 def main(argv):
     out, args = argv[0], argv[1:]
-    candidates, soups = {}, []
+    candidates, soups, device = {}, [], "cpu"
     it = iter(args)
     for arg in it:
-        if arg == "--soup":
+        if arg == "--device":
+            device = next(it)
+        elif arg == "--soup":
             name, pair = next(it).split("=", 1)
             soups.append((name, *pair.split("+")))
         else:
@@ -65,10 +69,11 @@ def main(argv):
             candidates[name] = folder
     for name, a, b in soups:
         candidates[name] = soup(candidates[a], candidates[b], f".run/soup-{name}")
-    report = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__, "rows": {}}
+    report = {"command": " ".join(["python"] + sys.argv), "torch": torch.__version__, "device": device,
+              "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "rows": {}}
     for name, folder in candidates.items():
         t0 = time.time()
-        report["rows"][name] = row = score(folder)
+        report["rows"][name] = row = score(folder, device)
         row["seconds"] = round(time.time() - t0, 1)
         print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "streams"},
               flush=True)
