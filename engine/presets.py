@@ -201,7 +201,8 @@ PRESETS: dict[str, ModelPreset] = {
                         guidance_scale=5.0, stream_timesteps=(1000, 750, 500, 250), **DEMO_COMMON),
     # Six steps per block (chosen at the end of run 10 on training combinations: colour 0.81, motion 0.94, against
     # 0.75 / 0.88 with four; benchmarks/results/demo/h200_run10_causal_train.log) with guidance 2.5 (chosen for run 13
-    # on training combinations against 3.0 and 3.5: benchmarks/results/demo/select_guidance.json).
+    # on training combinations against 3.0 and 3.5: benchmarks/results/demo/select_guidance.json), both kept for the
+    # shipped run 19 weights.
     "demo-causal": ModelPreset(name="demo-causal", causal=True, source=str(DEMO_WEIGHTS / "demo-causal"), frames=81,
                                steps=12, guidance_scale=4.0, stream_guidance_scale=2.5,
                                stream_timesteps=(1000, 833, 667, 500, 333, 167), **DEMO_COMMON),
