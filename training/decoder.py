@@ -117,11 +117,10 @@ def _clips(n: int, frames: int, seed: int, device):
     return video, alpha[:, None]
 
 
-def _loss(vae, video, alpha, object_weight: float, per_frame: bool = False):
-    with torch.no_grad():
-        z = vae.encode(video).latent_dist.mode()
+def _per_frame_loss(vae, z, video, alpha, object_weight: float) -> torch.Tensor:
+    """Reconstruction error of each video frame, the latents ``z`` of ``video`` decoded whole."""
     loss = reconstruction_error(vae.decode(z).sample, video, alpha, object_weight)
-    return loss.mean(dim=(0, 1, 3, 4)) if per_frame else loss.mean()
+    return loss.mean(dim=(0, 1, 3, 4))
 
 
 def _tail_loss(vae, z, video, alpha, object_weight: float, k: int) -> torch.Tensor:
@@ -189,13 +188,13 @@ class TrainingStream:
 
 @torch.no_grad()
 def _validate(vae, val, object_weight: float) -> dict:
-    per_frame = torch.stack([_loss(vae, v, a, object_weight, per_frame=True) for v, a in val]).mean(0)
+    zs = [vae.encode(v).latent_dist.mode() for v, _ in val]  # once per clip, for both losses
+    per_frame = torch.stack([_per_frame_loss(vae, z, v, a, object_weight) for z, (v, a) in zip(zs, val)]).mean(0)
     out = {"loss": round(float(per_frame.mean()), 5), "head_loss": round(float(per_frame[:TAIL_FROM].mean()), 5),
            "tail_loss": round(float(per_frame[TAIL_FROM:].mean()), 5)}
     latent_frames = (val[0][0].shape[2] - 1) // 4 + 1
     if latent_frames > 2:  # from the middle latent frame on, with a fresh decoder (see _tail_loss)
-        tails = [_tail_loss(vae, vae.encode(v).latent_dist.mode(), v, a, object_weight, latent_frames // 2)
-                 for v, a in val]
+        tails = [_tail_loss(vae, z, v, a, object_weight, latent_frames // 2) for z, (v, a) in zip(zs, val)]
         out["fresh_tail_loss"] = round(float(sum(tails) / len(tails)), 5)
     if len(per_frame) > STEADY_FROM:
         out["steady_loss"] = round(float(per_frame[STEADY_FROM:].mean()), 5)
@@ -271,6 +270,7 @@ def main(argv=None) -> int:
         print(f"stream round trip before: {check_before}", flush=True)
     start, step, losses = time.monotonic(), 0, []
     tail_generator = torch.Generator().manual_seed(args.seed)
+    latent_frames = (args.frames - 1) // 4 + 1
     groups = []
     if args.stream_frames:
         n_blocks = (args.stream_frames - 1) // 4 // Config.block_latent_frames
@@ -283,7 +283,6 @@ def main(argv=None) -> int:
             loss = reconstruction_error(recon, video, alpha, args.object_weight).mean()
         else:
             video, alpha = _clips(args.batch, args.frames, args.seed * 1_000_003 + step, device)
-            latent_frames = (args.frames - 1) // 4 + 1
             k = int(torch.randint(1, latent_frames, (1,), generator=tail_generator)) if args.tail_weight else 0
             loss = _train_loss(vae, video, alpha, args, k)
         for group in opt.param_groups:  # a short warm-up: Adam's first steps are large for a trained decoder

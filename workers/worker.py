@@ -69,7 +69,7 @@ class GenerationWorker(SimpleWorker):
 
     def subscribe(self) -> None:
         # RQ's own listens with sleep_time=60, and redis-py 8 joins that thread without a timeout when RQ stops it: a
-        # worker stopped between jobs hung in its teardown for up to a minute (past docker's grace period).
+        # worker stopped between jobs hung in its teardown for up to a minute (past docker's default 10 s grace).
         self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})

@@ -24,17 +24,18 @@ def distances(vae, a: str, b: str) -> list[float]:
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     shapes = [data.SHAPES[i % len(data.SHAPES)] for i in range(CLIPS)]
     motions = ["left", "right", "up", "down"][:CLIPS]
-    latents, cover = [], None
+    latents = []
     for colour in (a, b):
         cases = [data.Case(colour, s, m, "white") for s, m in zip(shapes, motions)]
         scenes = data.scenes_for(cases, torch.Generator().manual_seed(0))  # the same tracks for both colours
         video, alpha = data.render(scenes, FRAMES, with_alpha=True)
         with torch.no_grad():
             latents.append((vae.encode(video).latent_dist.mode() - mean) / std)
-        # The object's coverage at latent resolution: 8x in space, the 4 frames a latent frame stands for in time.
-        t = alpha[:, None]
-        t = torch.cat([t[:, :, :1].expand(-1, -1, 4, -1, -1), t[:, :, 1:]], 2)  # the first latent frame is one frame
-        cover = F.avg_pool3d(t, (4, 8, 8))[:, 0] > 0.25
+    # The object's coverage (the same for both colours) at latent resolution: 8x in space, the 4 frames a latent
+    # frame stands for in time.
+    t = alpha[:, None]
+    t = torch.cat([t[:, :, :1].expand(-1, -1, 4, -1, -1), t[:, :, 1:]], 2)  # the first latent frame is one frame
+    cover = F.avg_pool3d(t, (4, 8, 8))[:, 0] > 0.25
     d = (latents[0] - latents[1]).pow(2).sum(1)  # [clips, latent frames, h, w]
     return [round(float(d[:, i][cover[:, i]].mean()), 3) for i in range(d.shape[1])]
 

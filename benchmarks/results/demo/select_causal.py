@@ -7,8 +7,8 @@ stream blocks with the right colour and motion. CPU, fp32.
         [--device cuda]
 
 ``--soup NAME=A+B`` first writes the average of candidates A's and B's transformer and text encoder (same
-architecture, one fine-tuning chain) to .run/soup-NAME, then scores it as a candidate. ``--device cuda`` scores on a GPU (fp32): faster, and comparable only with candidates scored
-in the same run.
+architecture, one fine-tuning chain) to .run/soup-NAME, then scores it as a candidate. ``--device cuda`` scores on a
+GPU (fp32): faster, and comparable only with candidates scored in the same run.
 """
 import json
 import os
