@@ -54,11 +54,14 @@ INTERPRETER_CHECK = textwrap.dedent("""
         variants = ((ib, True), (None, False)) if dtype == torch.float32 else ((ib, True),)
         for in_bias, act in variants:
             ref = mixffn.dwconv_glu_reference(x.float(), w, b, in_bias, act)
-            for prefetch in (False, True):  # the next row's loads issued before this row's arithmetic, or not
-                out = mixffn._dwconv_glu_triton(x, w, b, in_bias, act, rows=3, block_w=4, block_c=16, num_warps=1,
-                                                prefetch=prefetch)
+            # Shifted 2D tiles, with the next row's loads issued before this row's arithmetic or not; then four
+            # columns as separate vectors (W=6: the second column tile is half outside), whole-height strips too.
+            for variant in (dict(prefetch=False), dict(prefetch=True), dict(columns=True),
+                            dict(columns=True, prefetch=True), dict(columns=True, rows=16, prefetch=True)):
+                out = mixffn._dwconv_glu_triton(x, w, b, in_bias, act, **{"rows": 3, **variant}, block_w=4,
+                                                block_c=16, num_warps=1)
                 assert out.dtype == dtype and torch.isfinite(out).all()
-                assert rel(out, ref) < tol, (dtype, in_bias is None, act, prefetch, rel(out, ref))
+                assert rel(out, ref) < tol, (dtype, in_bias is None, act, variant, rel(out, ref))
     print("ok")
 """)
 
