@@ -148,6 +148,42 @@ def main(argv=None) -> int:
 
     run_case(results, "linear_bf16_vs_fp8", fp8_linear, budget, 8)
 
+    def step_gemms():
+        """Every GEMM of one CFG step at its shape, alone, as the fast path runs them (bf16 F.linear; FP8
+        _scaled_mm with per-token scales and fast accumulation), times the layers: the floor a step cannot beat
+        without fusing other work into the GEMMs. The text's k|v (a few hundred rows) and the linear attention's
+        batched products (bandwidth-bound) are left out."""
+        from engine.kernels.fp8 import quantize_rowwise
+
+        layers = 2 if smoke else 20
+        M = B * N
+        shapes = {"qkv": (C, 3 * C, False), "attn_out": (C, C, True), "cross_q": (C, C, True),
+                  "cross_out": (C, C, True), "ffn_in": (C, 2 * hidden, False), "ffn_out": (hidden, C, False),
+                  "temporal": (C, 3 * C, False)}
+        row = {"layers": layers, "rows": M}
+        tot_bf, tot_fp8, flop = 0.0, 0.0, 0
+        for name, (fin, fout, has_bias) in shapes.items():
+            x = rnd(M, fin)
+            w = rnd(fout, fin)
+            bias = rnd(fout) if has_bias else None
+            t = bench(lambda: F.linear(x, w, bias), device, iters=iters)
+            tot_bf += t
+            flop += 2 * M * fin * fout
+            row[f"{name}_bf16_s"] = t
+            if not smoke:  # the input quantized already (the norm kernels hand q|k|v and ffn_in theirs)
+                xq, xs = quantize_rowwise(x)
+                q8 = FP8Linear(w, bias)
+                t8 = bench(lambda: q8.quantized(xq, xs), device, iters=iters)
+                tot_fp8 += t8
+                row[f"{name}_fp8_s"] = t8
+        row.update(step_bf16_s=tot_bf * layers, bf16_tflops=round(flop / tot_bf / 1e12, 1),
+                   matmul_flop_per_step=flop * layers)
+        if not smoke:
+            row.update(step_fp8_s=tot_fp8 * layers, fp8_tflops=round(flop / tot_fp8 / 1e12, 1))
+        return row
+
+    run_case(results, "step_gemms", step_gemms, budget, 6)
+
     def cross_attention():
         """The text cross-attention as the block runs it (padding mask as an additive bias), per SDPA backend, and
         unmasked flash attention over the same keys for scale (what dropping padded keys could give)."""
