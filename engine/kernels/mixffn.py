@@ -90,6 +90,37 @@ if triton is not None:
         return tl.where(_in_image(r, H, offs_w, shift, mask_cw, W), v, 0.0)
 
     @triton.jit
+    def _channel_constants(w_ptr, b_ptr, ib_ptr, C, ca, cg, mask_c, BLOCK_C: tl.constexpr, HAS_IN_BIAS: tl.constexpr):
+        """A channel tile's depthwise weights (stored [9, 2C], tap-major: w[ky*3 + kx, channel]) for the value (ca)
+        and gate (cg) halves, the conv's bias, and the expansion's bias (zero without it)."""
+        wa0 = tl.load(w_ptr + 0 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa1 = tl.load(w_ptr + 1 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa2 = tl.load(w_ptr + 2 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa3 = tl.load(w_ptr + 3 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa4 = tl.load(w_ptr + 4 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa5 = tl.load(w_ptr + 5 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa6 = tl.load(w_ptr + 6 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa7 = tl.load(w_ptr + 7 * 2 * C + ca, mask=mask_c, other=0.0)
+        wa8 = tl.load(w_ptr + 8 * 2 * C + ca, mask=mask_c, other=0.0)
+        wg0 = tl.load(w_ptr + 0 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg1 = tl.load(w_ptr + 1 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg2 = tl.load(w_ptr + 2 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg3 = tl.load(w_ptr + 3 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg4 = tl.load(w_ptr + 4 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg5 = tl.load(w_ptr + 5 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg6 = tl.load(w_ptr + 6 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg7 = tl.load(w_ptr + 7 * 2 * C + cg, mask=mask_c, other=0.0)
+        wg8 = tl.load(w_ptr + 8 * 2 * C + cg, mask=mask_c, other=0.0)
+        ba = tl.load(b_ptr + ca, mask=mask_c, other=0.0)
+        bg = tl.load(b_ptr + cg, mask=mask_c, other=0.0)
+        iba = tl.zeros((BLOCK_C,), tl.float32)
+        ibg = tl.zeros((BLOCK_C,), tl.float32)
+        if HAS_IN_BIAS:
+            iba = tl.load(ib_ptr + ca, mask=mask_c, other=0.0).to(tl.float32)
+            ibg = tl.load(ib_ptr + cg, mask=mask_c, other=0.0).to(tl.float32)
+        return wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7, wa8, wg0, wg1, wg2, wg3, wg4, wg5, wg6, wg7, wg8, ba, bg, iba, ibg
+
+    @triton.jit
     def _column_mask(col, W, row_ok, mask_c):
         return mask_c & row_ok & (col >= 0) & (col < W)
 
@@ -163,31 +194,8 @@ if triton is not None:
         mask_c = offs_c < C
         ca = offs_c
         cg = offs_c + C
-        wa0 = tl.load(w_ptr + 0 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa1 = tl.load(w_ptr + 1 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa2 = tl.load(w_ptr + 2 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa3 = tl.load(w_ptr + 3 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa4 = tl.load(w_ptr + 4 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa5 = tl.load(w_ptr + 5 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa6 = tl.load(w_ptr + 6 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa7 = tl.load(w_ptr + 7 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa8 = tl.load(w_ptr + 8 * 2 * C + ca, mask=mask_c, other=0.0)
-        wg0 = tl.load(w_ptr + 0 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg1 = tl.load(w_ptr + 1 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg2 = tl.load(w_ptr + 2 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg3 = tl.load(w_ptr + 3 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg4 = tl.load(w_ptr + 4 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg5 = tl.load(w_ptr + 5 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg6 = tl.load(w_ptr + 6 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg7 = tl.load(w_ptr + 7 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg8 = tl.load(w_ptr + 8 * 2 * C + cg, mask=mask_c, other=0.0)
-        ba = tl.load(b_ptr + ca, mask=mask_c, other=0.0)
-        bg = tl.load(b_ptr + cg, mask=mask_c, other=0.0)
-        iba = tl.zeros((BLOCK_C,), tl.float32)
-        ibg = tl.zeros((BLOCK_C,), tl.float32)
-        if HAS_IN_BIAS:
-            iba = tl.load(ib_ptr + ca, mask=mask_c, other=0.0).to(tl.float32)
-            ibg = tl.load(ib_ptr + cg, mask=mask_c, other=0.0).to(tl.float32)
+        wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7, wa8, wg0, wg1, wg2, wg3, wg4, wg5, wg6, wg7, wg8, ba, bg, iba, ibg = \
+            _channel_constants(w_ptr, b_ptr, ib_ptr, C, ca, cg, mask_c, BLOCK_C, HAS_IN_BIAS)
         zero = tl.zeros((BLOCK_C,), tl.float32)
         au0, am0, gu0, gm0 = zero, zero, zero, zero
         au1, am1, gu1, gm1 = zero, zero, zero, zero
@@ -264,32 +272,8 @@ if triton is not None:
         mask_cw = mask_c[None, :] & (offs_w < W)[:, None]
         ca = offs_c          # first half: the value
         cg = offs_c + C      # second half: the gate
-        # Depthwise weights, stored [9, 2C] (tap-major): w[ky*3 + kx, channel].
-        wa0 = tl.load(w_ptr + 0 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa1 = tl.load(w_ptr + 1 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa2 = tl.load(w_ptr + 2 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa3 = tl.load(w_ptr + 3 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa4 = tl.load(w_ptr + 4 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa5 = tl.load(w_ptr + 5 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa6 = tl.load(w_ptr + 6 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa7 = tl.load(w_ptr + 7 * 2 * C + ca, mask=mask_c, other=0.0)
-        wa8 = tl.load(w_ptr + 8 * 2 * C + ca, mask=mask_c, other=0.0)
-        wg0 = tl.load(w_ptr + 0 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg1 = tl.load(w_ptr + 1 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg2 = tl.load(w_ptr + 2 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg3 = tl.load(w_ptr + 3 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg4 = tl.load(w_ptr + 4 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg5 = tl.load(w_ptr + 5 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg6 = tl.load(w_ptr + 6 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg7 = tl.load(w_ptr + 7 * 2 * C + cg, mask=mask_c, other=0.0)
-        wg8 = tl.load(w_ptr + 8 * 2 * C + cg, mask=mask_c, other=0.0)
-        ba = tl.load(b_ptr + ca, mask=mask_c, other=0.0)
-        bg = tl.load(b_ptr + cg, mask=mask_c, other=0.0)
-        iba = tl.zeros((BLOCK_C,), tl.float32)
-        ibg = tl.zeros((BLOCK_C,), tl.float32)
-        if HAS_IN_BIAS:
-            iba = tl.load(ib_ptr + ca, mask=mask_c, other=0.0).to(tl.float32)
-            ibg = tl.load(ib_ptr + cg, mask=mask_c, other=0.0).to(tl.float32)
+        wa0, wa1, wa2, wa3, wa4, wa5, wa6, wa7, wa8, wg0, wg1, wg2, wg3, wg4, wg5, wg6, wg7, wg8, ba, bg, iba, ibg = \
+            _channel_constants(w_ptr, b_ptr, ib_ptr, C, ca, cg, mask_c, BLOCK_C, HAS_IN_BIAS)
 
         # Pending outputs: row r-1 (gets its bottom taps from input row r), row r (middle), row r+1 (top).
         a_up = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
