@@ -78,7 +78,7 @@ def test_norm_rotate_builds_for_sm90(scale, config):
 @pytest.mark.parametrize("config", range(len(mixffn._TILES)))
 def test_dwconv_glu_builds_for_sm90(config):
     c = mixffn._TILES[config]
-    constexprs = {"ACT": True, "HAS_IN_BIAS": True, "FAST": True, "PREFETCH": False} | c.kwargs
+    constexprs = {"ACT": True, "HAS_IN_BIAS": True, "FAST": True, "PREFETCH": False, "COLUMNS": False} | c.kwargs
     kernel = build(mixffn._dwconv_glu_kernel, DW_SIGNATURE, constexprs, c.num_warps)
     assert "tanh.approx.f32" in kernel.asm["ptx"]  # one special-function op per SiLU
 
