@@ -125,26 +125,26 @@ if triton is not None:
         return mask_c & row_ok & (col >= 0) & (col < W)
 
     @triton.jit
+    def _load_column(p, col, W, row_ok, ca, cg, mask_c):
+        """Input column ``col`` of a row (``p`` points at it) as stored, value and gate halves (zero outside)."""
+        m = _column_mask(col, W, row_ok, mask_c)
+        return tl.load(p + ca, mask=m, other=0.0), tl.load(p + cg, mask=m, other=0.0)
+
+    @triton.jit
     def _row_columns(x_row, x0, W, row_ok, stride_w, ca, cg, mask_c):
         """Input row r's six columns x0-1 .. x0+4 as stored, value and gate halves (zero outside the image)."""
         p = x_row + (x0 - 1) * stride_w
-        m = _column_mask(x0 - 1, W, row_ok, mask_c)
-        a0, g0 = tl.load(p + ca, mask=m, other=0.0), tl.load(p + cg, mask=m, other=0.0)
+        a0, g0 = _load_column(p, x0 - 1, W, row_ok, ca, cg, mask_c)
         p += stride_w
-        m = _column_mask(x0, W, row_ok, mask_c)
-        a1, g1 = tl.load(p + ca, mask=m, other=0.0), tl.load(p + cg, mask=m, other=0.0)
+        a1, g1 = _load_column(p, x0, W, row_ok, ca, cg, mask_c)
         p += stride_w
-        m = _column_mask(x0 + 1, W, row_ok, mask_c)
-        a2, g2 = tl.load(p + ca, mask=m, other=0.0), tl.load(p + cg, mask=m, other=0.0)
+        a2, g2 = _load_column(p, x0 + 1, W, row_ok, ca, cg, mask_c)
         p += stride_w
-        m = _column_mask(x0 + 2, W, row_ok, mask_c)
-        a3, g3 = tl.load(p + ca, mask=m, other=0.0), tl.load(p + cg, mask=m, other=0.0)
+        a3, g3 = _load_column(p, x0 + 2, W, row_ok, ca, cg, mask_c)
         p += stride_w
-        m = _column_mask(x0 + 3, W, row_ok, mask_c)
-        a4, g4 = tl.load(p + ca, mask=m, other=0.0), tl.load(p + cg, mask=m, other=0.0)
+        a4, g4 = _load_column(p, x0 + 3, W, row_ok, ca, cg, mask_c)
         p += stride_w
-        m = _column_mask(x0 + 4, W, row_ok, mask_c)
-        a5, g5 = tl.load(p + ca, mask=m, other=0.0), tl.load(p + cg, mask=m, other=0.0)
+        a5, g5 = _load_column(p, x0 + 4, W, row_ok, ca, cg, mask_c)
         return a0, g0, a1, g1, a2, g2, a3, g3, a4, g4, a5, g5
 
     @triton.jit
@@ -181,15 +181,17 @@ if triton is not None:
     def _dwconv_glu_columns(x_ptr, w_ptr, b_ptr, ib_ptr, o_ptr, H, W, C,
                             stride_xi, stride_xh, stride_xw, stride_oi, stride_oh, stride_ow,
                             ACT: tl.constexpr, HAS_IN_BIAS: tl.constexpr, FAST: tl.constexpr,
-                            ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr):
+                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                            PREFETCH: tl.constexpr):
         """Four output columns per program, each input column a separate [BLOCK_C] vector: six columns are loaded
         and activated once per row for four outputs (1.5 loads per output, against 3 for shifted 2D tiles), and
         every mask is a per-column scalar test, not an elementwise one. The strip ends at the image's last row."""
+        tl.static_assert(BLOCK_W == 4, "the column form is written out for four output columns")
         n_strips = tl.cdiv(H, ROWS)
         pid = tl.program_id(0)
         img = (pid // n_strips).to(tl.int64)
         y0 = (pid % n_strips) * ROWS
-        x0 = tl.program_id(1) * 4
+        x0 = tl.program_id(1) * BLOCK_W
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         ca = offs_c
@@ -245,10 +247,10 @@ if triton is not None:
                            ACT: tl.constexpr, HAS_IN_BIAS: tl.constexpr, FAST: tl.constexpr,
                            ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
                            PREFETCH: tl.constexpr = False, COLUMNS: tl.constexpr = False):
-        if COLUMNS:  # BLOCK_W is 4: the grid's column tiles
+        if COLUMNS:
             _dwconv_glu_columns(x_ptr, w_ptr, b_ptr, ib_ptr, o_ptr, H, W, C,
                                 stride_xi, stride_xh, stride_xw, stride_oi, stride_oh, stride_ow,
-                                ACT, HAS_IN_BIAS, FAST, ROWS, BLOCK_C, PREFETCH)
+                                ACT, HAS_IN_BIAS, FAST, ROWS, BLOCK_W, BLOCK_C, PREFETCH)
         else:
             _dwconv_glu_tiles(x_ptr, w_ptr, b_ptr, ib_ptr, o_ptr, H, W, C,
                               stride_xi, stride_xh, stride_xw, stride_oi, stride_oh, stride_ow,
